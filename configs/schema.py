@@ -1,0 +1,330 @@
+"""The run configuration: one YAML file per run, validated before any actor starts.
+
+Every field has bounds and a description; unknown keys are rejected (``extra="forbid"``);
+cross-field rules (batch divisible by group size, micro-batches dividing the per-rank
+batch, ...) are checked in ``RunConfig``. This module imports pydantic and yaml only: it
+must never import torch, vllm, ray or deepspeed (a test checks ``sys.modules``), so that a
+config can be checked on a laptop before a cluster is paid for.
+
+Errors: ``load_config`` raises ``ConfigError`` whose message names the file and the dotted
+key of every bad value; the command line turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The policy (and reference) model."""
+
+    path: str = Field(
+        description="HF model directory (config.json, safetensors, tokenizer), or "
+        "'builtin:<name>' for a model troupe builds locally (see rollout/demo.py)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Learner and engine dtype. float32 on CPU; bfloat16 on GPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+
+
+class DataConfig(_Strict):
+    """Prompt data set and how rows become prompts."""
+
+    source: Literal["jsonl", "parquet", "arith"] = Field(
+        "jsonl", description="'arith' generates the synthetic arithmetic task in-process."
+    )
+    path: Optional[str] = Field(None, description="Training file (jsonl/parquet), relative to the config file or absolute.")
+    eval_path: Optional[str] = Field(None, description="Held-out file; defaults to a held-out slice of `path`.")
+    prompt_field: str = Field("question", description="Column holding the question text.")
+    answer_field: str = Field("answer", description="Column holding the reference answer.")
+    system_prompt: Optional[str] = Field(None, description="System message (chat template) or prefix (raw).")
+    template: Literal["chat", "raw"] = Field(
+        "raw", description="'chat': tokenizer.apply_chat_template; 'raw': prompt_format.format(question=...)."
+    )
+    prompt_format: str = Field("{question}", description="Format string for raw prompts; must contain {question}.")
+    max_prompt_tokens: int = Field(256, ge=8, le=32768, description="Longer prompts are dropped at load (counted).")
+    num_eval: int = Field(256, ge=0, le=100000, description="Held-out prompts for the final greedy evaluation.")
+    max_train_rows: Optional[int] = Field(None, ge=1, description="Read at most this many training rows.")
+    arith_max_operand: int = Field(99, ge=1, le=10**6, description="'arith' only: operands drawn from [0, this].")
+    arith_num_train: int = Field(20000, ge=16, description="'arith' only: training prompts generated.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.source != "arith" and not self.path:
+            raise ValueError("data.path is required when data.source is 'jsonl' or 'parquet'")
+        if "{question}" not in self.prompt_format:
+            raise ValueError("data.prompt_format must contain '{question}'")
+        return self
+
+
+class RolloutConfig(_Strict):
+    """vLLM engines: how many, where, and how they sample."""
+
+    num_engines: int = Field(1, ge=1, le=1024, description="vLLM engine actors.")
+    group_size: int = Field(8, ge=2, le=1024, description="G: samples per prompt (vLLM SamplingParams.n).")
+    prompts_per_step: int = Field(32, ge=1, le=100000, description="Prompts per training step (batch = this * G).")
+    max_new_tokens: int = Field(64, ge=1, le=131072, description="Response length cap; longer ones are truncated.")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    num_cpus_per_engine: float = Field(1.0, ge=0.0, description="Ray CPUs reserved per engine.")
+    num_gpus_per_engine: float = Field(0.0, ge=0.0, description="Ray GPUs per engine (tensor parallel = this when >= 1).")
+    kv_cache_gib: float = Field(1.0, gt=0.0, description="CPU only: VLLM_CPU_KVCACHE_SPACE in GiB.")
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="GPU only: vLLM memory share.")
+    enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation (faster start).")
+    max_model_len: int = Field(512, ge=16, le=1048576, description="vLLM max_model_len (prompt + response).")
+
+
+RewardName = str
+
+
+class RewardFunctionConfig(_Strict):
+    """One reward function with its weight."""
+
+    name: RewardName = Field(
+        description="Built-in name (accuracy, format, gsm8k, math, language) or 'module:function' "
+        "or '/path/file.py:function'."
+    )
+    weight: float = Field(1.0, ge=-1000, le=1000, description="Weight in the combined reward.")
+
+
+class RewardConfig(_Strict):
+    """Reward workers and the functions they apply."""
+
+    num_workers: int = Field(1, ge=1, le=1024, description="Reward worker actors.")
+    num_cpus_per_worker: float = Field(0.0, ge=0.0, description="Ray CPUs per reward worker.")
+    functions: list[RewardFunctionConfig] = Field(
+        default_factory=lambda: [RewardFunctionConfig(name="accuracy", weight=1.0)],
+        min_length=1,
+        description="Combined as sum(weight * score).",
+    )
+    timeout_s: float = Field(10.0, gt=0.0, le=3600.0, description="Per-sample scoring timeout in seconds.")
+    on_failure: Literal["zero", "exclude"] = Field(
+        "zero", description="A failed score (exception, timeout, NaN, wrong type) counts as 0 or is excluded."
+    )
+
+
+class AlgoConfig(_Strict):
+    """The RL algorithm: advantage estimator, KL, policy loss, aggregation (learner/grpo.py)."""
+
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "grpo_process"] = Field(
+        "grpo", description="Advantage estimator (learner/grpo.py ADVANTAGE_ESTIMATORS)."
+    )
+    std: Literal["unbiased", "population"] = Field(
+        "unbiased", description="Group std: 'unbiased' (N-1, veRL/TRL) or 'population' (N)."
+    )
+    adv_eps: float = Field(1e-6, gt=0.0, le=1.0, description="Added to the group std (veRL 1e-6, TRL 1e-4).")
+    kl_coef: float = Field(0.0, ge=0.0, le=100.0, description="beta. 0 loads no reference model.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Schulman's KL estimators.")
+    kl_in: Literal["loss", "reward"] = Field("loss", description="GRPO puts KL in the loss; PPO in the reward.")
+    clip_low: float = Field(0.2, ge=0.0, le=1.0, description="eps_low: ratio clipped below at 1 - clip_low.")
+    clip_high: float = Field(0.28, ge=0.0, le=10.0, description="eps_high (DAPO clip-higher): ratio clipped at 1 + clip_high.")
+    dual_clip: Optional[float] = Field(None, gt=1.0, description="Dual-clip bound c for negative advantages (None: off).")
+    ratio_level: Literal["token", "sequence"] = Field("token", description="'sequence' is GSPO's length-normalised ratio.")
+    tis_cap: Optional[float] = Field(
+        2.0, gt=0.0, description="Truncated importance weight cap for old/sampling mismatch (None: off)."
+    )
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="Loss aggregation (DAPO, GRPO paper, Dr.GRPO)."
+    )
+    ppo_epochs: int = Field(1, ge=1, le=64, description="Passes over each batch.")
+    mini_batches: int = Field(1, ge=1, le=1024, description="Optimizer steps per epoch.")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop zero-variance groups and refill.")
+    max_refill_rounds: int = Field(2, ge=0, le=100, description="Cap on extra generation rounds for refill.")
+    mask_truncated: bool = Field(False, description="Exclude truncated completions from the loss.")
+    overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong: buffer length in tokens (0: off).")
+    overlong_penalty: float = Field(1.0, ge=0.0, description="DAPO soft overlong: max penalty.")
+
+
+class LearnerConfig(_Strict):
+    """The DeepSpeed ZeRO learner ranks."""
+
+    num_ranks: int = Field(1, ge=1, le=4096, description="Data-parallel ranks (Ray actors in one process group).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(1e-5, gt=0.0, le=1.0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
+    micro_batch_size: int = Field(16, ge=1, le=65536, description="Sequences per forward/backward per rank.")
+    num_cpus_per_rank: float = Field(0.5, ge=0.0, description="Ray CPUs per learner rank.")
+    num_gpus_per_rank: float = Field(0.0, ge=0.0, description="Ray GPUs per learner rank (1 on GPU clusters).")
+    torch_threads: int = Field(1, ge=1, le=256, description="CPU only: torch threads per rank.")
+
+
+class SyncConfig(_Strict):
+    """Weight sync from learner to engines."""
+
+    every: int = Field(1, ge=1, description="Sync after every this many steps.")
+    strategy: Literal["auto", "shm", "object_store"] = Field(
+        "auto", description="'shm': safetensors in /dev/shm (one node); 'object_store': Ray object store (any node)."
+    )
+
+
+class SFTConfig(_Strict):
+    """Cold-start supervised fine-tuning before RL (DeepSeek-R1)."""
+
+    enabled: bool = Field(False, description="Run SFT on worked solutions before GRPO.")
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Sequences per step (all ranks).")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="SFT learning rate.")
+    num_examples: int = Field(2000, ge=1, description="Worked solutions to train on.")
+
+
+class RunConfig(_Strict):
+    """A whole run: what `troupe train CONFIG` reads."""
+
+    name: str = Field("run", min_length=1, description="Run name; the run directory is output_dir/name.")
+    output_dir: str = Field("runs", description="Parent of the run directory (relative to the working directory).")
+    seed: int = Field(0, ge=0)
+    steps: int = Field(10, ge=0, le=10**7, description="GRPO steps.")
+    eval_every: int = Field(0, ge=0, description="Greedy eval every N steps (0: only at start and end).")
+    save_every: int = Field(0, ge=0, description="HF checkpoint every N steps (0: only the final one).")
+    device: Literal["cpu", "gpu"] = Field("cpu", description="Where engines and learner ranks run.")
+    model: ModelConfig
+    data: DataConfig
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "RunConfig":
+        batch = self.rollout.prompts_per_step * self.rollout.group_size
+        per_rank, rem = divmod(batch, self.learner.num_ranks)
+        if rem:
+            raise ValueError(
+                f"rollout.prompts_per_step * rollout.group_size = {batch} must be divisible by "
+                f"learner.num_ranks = {self.learner.num_ranks}"
+            )
+        if per_rank % self.algo.mini_batches:
+            raise ValueError(
+                f"per-rank batch {per_rank} must be divisible by algo.mini_batches = {self.algo.mini_batches}"
+            )
+        mb = per_rank // self.algo.mini_batches
+        if mb % self.learner.micro_batch_size and self.learner.micro_batch_size < mb:
+            raise ValueError(
+                f"per-rank mini-batch {mb} must be divisible by learner.micro_batch_size = "
+                f"{self.learner.micro_batch_size}"
+            )
+        if self.device == "gpu" and (self.rollout.num_gpus_per_engine <= 0 or self.learner.num_gpus_per_rank <= 0):
+            raise ValueError("device 'gpu' needs rollout.num_gpus_per_engine > 0 and learner.num_gpus_per_rank > 0")
+        if self.device == "cpu" and (self.rollout.num_gpus_per_engine or self.learner.num_gpus_per_rank):
+            raise ValueError("device 'cpu' cannot ask for GPUs (rollout.num_gpus_per_engine, learner.num_gpus_per_rank)")
+        if self.rollout.max_new_tokens >= self.rollout.max_model_len:
+            raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per step: prompts_per_step * group_size."""
+        return self.rollout.prompts_per_step * self.rollout.group_size
+
+
+def _parse_value(text: str) -> Any:
+    """Parse a command-line override value as YAML (so 1e-3, true, [1,2] and null work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``key.sub=value`` overrides to a raw config dict (in place, returned).
+
+    Raises ``ConfigError`` naming the override when it has no '=' or walks into a non-mapping.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid run config ({err.error_count()} error(s)):"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a YAML run config.
+
+    Relative ``data.path``/``data.eval_path`` resolve against the config file's folder.
+    Raises ``ConfigError`` (message names the file and each bad dotted key).
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    apply_overrides(raw, overrides or [])
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path))) from None
+    base = path.resolve().parent
+    for key in ("path", "eval_path"):
+        val = getattr(cfg.data, key)
+        if val and not Path(val).is_absolute():
+            cand = (base / val).resolve()
+            if not cand.exists() and Path(val).exists():
+                cand = Path(val).resolve()
+            setattr(cfg.data, key, str(cand))
+        val = getattr(cfg.data, key)
+        if val and not Path(val).exists():
+            raise ConfigError(f"{path}: data.{key}: file not found: {val}")
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what the run directory keeps as config.yaml)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+__all__ = [
+    "AlgoConfig",
+    "ConfigError",
+    "DataConfig",
+    "LearnerConfig",
+    "ModelConfig",
+    "RewardConfig",
+    "RewardFunctionConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "SFTConfig",
+    "SyncConfig",
+    "apply_overrides",
+    "dump_config",
+    "load_config",
+]
