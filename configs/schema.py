@@ -38,6 +38,18 @@ class ModelConfig(_Strict):
         "float32", description="Learner and engine dtype. float32 on CPU; bfloat16 on GPU."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    hidden_size: int = Field(128, ge=16, le=65536, description="builtin models only: hidden size.")
+    num_layers: int = Field(2, ge=1, le=512, description="builtin models only: decoder layers.")
+    num_heads: int = Field(4, ge=1, le=512, description="builtin models only: attention heads (head_dim 32..256 on vLLM CPU).")
+    intermediate_size: int = Field(512, ge=16, le=262144, description="builtin models only: MLP width.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.path.startswith("builtin:") and self.path != "builtin:qwen2-tiny":
+            raise ValueError("model.path: the only builtin model is 'builtin:qwen2-tiny'")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("model.hidden_size must be divisible by model.num_heads")
+        return self
 
 
 class DataConfig(_Strict):
@@ -60,6 +72,7 @@ class DataConfig(_Strict):
     max_train_rows: Optional[int] = Field(None, ge=1, description="Read at most this many training rows.")
     arith_max_operand: int = Field(99, ge=1, le=10**6, description="'arith' only: operands drawn from [0, this].")
     arith_num_train: int = Field(20000, ge=16, description="'arith' only: training prompts generated.")
+    arith_num_operands: int = Field(2, ge=2, le=8, description="'arith' only: operands per question.")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -119,7 +132,7 @@ class RewardConfig(_Strict):
 class AlgoConfig(_Strict):
     """The RL algorithm: advantage estimator, KL, policy loss, aggregation (learner/grpo.py)."""
 
-    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "grpo_process"] = Field(
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"] = Field(
         "grpo", description="Advantage estimator (learner/grpo.py ADVANTAGE_ESTIMATORS)."
     )
     std: Literal["unbiased", "population"] = Field(
@@ -224,6 +237,8 @@ class RunConfig(_Strict):
             raise ValueError("device 'gpu' needs rollout.num_gpus_per_engine > 0 and learner.num_gpus_per_rank > 0")
         if self.device == "cpu" and (self.rollout.num_gpus_per_engine or self.learner.num_gpus_per_rank):
             raise ValueError("device 'cpu' cannot ask for GPUs (rollout.num_gpus_per_engine, learner.num_gpus_per_rank)")
+        if self.sft.enabled and self.data.source != "arith":
+            raise ValueError("sft.enabled: cold-start SFT data (worked solutions) is built in for data.source 'arith' only")
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
         return self

@@ -119,21 +119,35 @@ class LearnerRank:
         lp = logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)
         return lp[start - 1:].cpu().tolist()
 
-    def train(self, shard: TrainBatch, mini_denoms: list[dict]) -> dict:
-        """Run the GRPO update on this rank's shard.
+    def prepare(self, shard: TrainBatch) -> dict:
+        """Phase 1 of a step: old (and reference) log-probs of this rank's shard, before any update.
+
+        Keeps the shard on the rank and returns per-sample sums the driver needs for reward
+        shaping: {"kl_seq": [B_r] sum_t KL_t(old || ref) or None}.
+        """
+        t0 = time.time()
+        old = self._logprobs(self.engine.module, shard)
+        ref = self._logprobs(self.ref, shard) if self.ref is not None else None
+        self._shard = shard.with_(old_logprobs=old, ref_logprobs=ref)
+        kl_seq = None
+        if ref is not None:
+            kl_seq = (grpo.kl_estimate(old, ref, self.algo["kl_estimator"]) * shard.response_mask).sum(1).tolist()
+        return {"kl_seq": kl_seq, "prepare_seconds": time.time() - t0}
+
+    def update(self, advantages: "torch.Tensor", mini_denoms: list[dict]) -> dict:
+        """Phase 2 of a step: the GRPO update on the shard kept by ``prepare``.
 
         Args:
-            shard: this rank's rows, advantages filled, [B_r, ...].
+            advantages: [B_r, T] for this rank's rows (0 where response_mask is 0).
             mini_denoms: per mini-batch ``{"num_tokens", "num_seqs"}`` over ALL ranks.
 
         Returns:
-            Metrics averaged over micro-batches (floats), plus "learn_seconds".
+            Metrics averaged over micro-batches (floats), "grad_norm", "logprob_mismatch"
+            (mean |old - sampling| logprob over response tokens) and "learn_seconds".
         """
         t0 = time.time()
         self.engine.train()
-        old = self._logprobs(self.engine.module, shard)
-        ref = self._logprobs(self.ref, shard) if self.ref is not None else None
-        shard = shard.with_(old_logprobs=old, ref_logprobs=ref)
+        shard = self._shard.with_(advantages=advantages)
         n_mini = len(mini_denoms)
         rows = shard.size // n_mini
         sums: dict[str, float] = {}
@@ -143,39 +157,43 @@ class LearnerRank:
             for m in range(n_mini):
                 mb = shard.select(slice(m * rows, (m + 1) * rows))
                 for i in range(0, mb.size, self.micro):
-                    micro = mb.select(slice(i, i + self.micro))
-                    lp, ent = self._forward_logprobs(self.engine.module, micro, with_entropy=True)
-                    dev = lp.device
-                    loss, met = grpo.policy_loss(
-                        lp, micro.old_logprobs.to(dev), micro.advantages.to(dev), micro.response_mask.to(dev),
-                        clip_low=self.algo["clip_low"], clip_high=self.algo["clip_high"],
-                        dual_clip=self.algo["dual_clip"], ratio_level=self.algo["ratio_level"],
-                        sampling_logp=micro.sampling_logprobs.to(dev), tis_cap=self.algo["tis_cap"],
-                        ref_logp=None if micro.ref_logprobs is None else micro.ref_logprobs.to(dev),
-                        kl_coef=self.algo["kl_coef"] if self.algo["kl_in"] == "loss" else 0.0,
-                        kl_estimator=self.algo["kl_estimator"], loss_agg=self.algo["loss_agg"],
-                        num_tokens=mini_denoms[m]["num_tokens"], num_seqs=mini_denoms[m]["num_seqs"],
-                        max_len=self.rollout["max_new_tokens"],
-                    )
-                    self.engine.backward(loss * self.gas * self.world)
-                    self.engine.step()
-                    mask = micro.response_mask.to(dev)
-                    met = {k: float(v) for k, v in met.items()}
-                    met["entropy"] = float((ent * mask).sum() / mask.sum().clamp(min=1))
-                    met["loss"] = float(loss)
+                    met = self._micro_step(mb.select(slice(i, i + self.micro)), mini_denoms[m])
                     for k, v in met.items():
                         sums[k] = sums.get(k, 0.0) + v
                     count += 1
                 gn = self.engine.get_global_grad_norm()
                 grad_norm = float(gn) if gn is not None else float("nan")
         out = {k: v / max(count, 1) for k, v in sums.items()}
-        out["loss"] = sums.get("loss", 0.0) / max(self.algo["ppo_epochs"] * n_mini, 1)  # sum of shares per mini-batch
+        # each micro-batch loss is its share of the mini-batch loss: report the mini-batch loss
+        out["loss"] = sums.get("loss", 0.0) / max(self.algo["ppo_epochs"] * n_mini, 1)
         out["grad_norm"] = grad_norm
-        # Mismatch between the engines' sampling logprobs and the learner's old logprobs, same tokens.
         mask = shard.response_mask
         diff = (shard.old_logprobs - shard.sampling_logprobs).abs() * mask
         out["logprob_mismatch"] = float(diff.sum() / mask.sum().clamp(min=1))
         out["learn_seconds"] = time.time() - t0
+        self._shard = None
+        return out
+
+    def _micro_step(self, micro: TrainBatch, denoms: dict) -> dict:
+        lp, ent = self._forward_logprobs(self.engine.module, micro, with_entropy=True)
+        dev = lp.device
+        loss, met = grpo.policy_loss(
+            lp, micro.old_logprobs.to(dev), micro.advantages.to(dev), micro.response_mask.to(dev),
+            clip_low=self.algo["clip_low"], clip_high=self.algo["clip_high"],
+            dual_clip=self.algo["dual_clip"], ratio_level=self.algo["ratio_level"],
+            sampling_logp=micro.sampling_logprobs.to(dev), tis_cap=self.algo["tis_cap"],
+            ref_logp=None if micro.ref_logprobs is None else micro.ref_logprobs.to(dev),
+            kl_coef=self.algo["kl_coef"] if self.algo["kl_in"] == "loss" else 0.0,
+            kl_estimator=self.algo["kl_estimator"], loss_agg=self.algo["loss_agg"],
+            num_tokens=denoms["num_tokens"], num_seqs=denoms["num_seqs"],
+            max_len=self.rollout["max_new_tokens"],
+        )
+        self.engine.backward(loss * self.gas * self.world)
+        self.engine.step()
+        mask = micro.response_mask.to(dev)
+        out = {k: float(v) for k, v in met.items()}
+        out["entropy"] = float((ent * mask).sum() / mask.sum().clamp(min=1))
+        out["loss"] = float(loss.detach())
         return out
 
     def full_state_dict(self) -> Optional[dict]:

@@ -1,0 +1,151 @@
+"""The GRPO training loop (DeepSeekMath arXiv 2402.03300, Algorithm 1), over Ray actors.
+
+    for each step:
+        sample a batch of prompts; engines draw G responses each (policy version v)
+        reward workers score the groups while later chunks are still generating
+        [dynamic sampling: drop zero-variance groups, refill from more prompts]
+        learner ranks compute old (and reference) log-probs of their shard
+        driver: reward shaping (overlong, KL-in-reward) -> group-relative advantages
+        learner ranks: clipped-surrogate update(s) with KL to the reference in the loss
+        every sync.every steps: weights -> engines as version v+1; check engine/learner logprobs agree
+
+The maths is in ``troupe.learner.grpo``; the actors in ``troupe.cluster.runtime``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import ray
+import torch
+from tqdm import tqdm
+
+from troupe.cluster.metrics import MetricsWriter, mean_dicts, rollout_metrics
+from troupe.cluster.runtime import Actors
+from troupe.cluster.weight_sync import WeightSync
+from troupe.configs.schema import RunConfig
+from troupe.learner import grpo
+from troupe.learner.batch import TrainBatch, collate_groups
+from troupe.rollout.dispatch import RolloutDispatcher
+from troupe.rollout.types import Group, Prompt
+
+log = logging.getLogger("troupe")
+
+
+def collect_groups(dispatcher: RolloutDispatcher, stream: Iterator[Prompt], cfg: RunConfig) -> tuple[list[Group], dict]:
+    """One step's scored groups; with dynamic sampling (DAPO) zero-variance groups are replaced."""
+    ro, need = cfg.rollout, cfg.rollout.prompts_per_step
+    sample = dict(n=ro.group_size, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p)
+    groups, timing = dispatcher.run([next(stream) for _ in range(need)], **sample)
+    info = {"time/generate": timing["generate"], "time/reward": timing["reward"]}
+    if not cfg.algo.dynamic_sampling:
+        return groups, info
+    def informative(g: Group) -> bool:
+        return bool(grpo.dynamic_sampling_keep(_rewards(g), ro.group_size)[0])
+    kept, dropped, rounds = [g for g in groups if informative(g)], [g for g in groups if not informative(g)], 0
+    while len(kept) < need and rounds < cfg.algo.max_refill_rounds:
+        rounds += 1
+        more, t = dispatcher.run([next(stream) for _ in range(need - len(kept))], **sample)
+        info["time/generate"] += t["generate"]
+        info["time/reward"] += t["reward"]
+        kept += [g for g in more if informative(g)]
+        dropped += [g for g in more if not informative(g)]
+    info.update({"dynamic/refill_rounds": rounds, "dynamic/informative_groups": min(len(kept), need)})
+    return (kept + dropped)[:need], info  # short of informative groups: pad with zero-advantage ones
+
+
+def _rewards(g: Group) -> torch.Tensor:
+    return torch.tensor([float("nan") if r is None else r for r in g.rewards], dtype=torch.float32)
+
+
+def minibatch_denoms(batch: TrainBatch, num_ranks: int, mini_batches: int) -> list[dict]:
+    """Global loss denominators per mini-batch: valid tokens and valid sequences over all ranks."""
+    per_rank = batch.size // num_ranks
+    rows = per_rank // mini_batches
+    mask = batch.response_mask.view(num_ranks, mini_batches, rows, -1)
+    return [{"num_tokens": max(1.0, float(mask[:, m].sum())), "num_seqs": max(1.0, float((mask[:, m].sum(-1) > 0).sum()))}
+            for m in range(mini_batches)]
+
+
+def learn(actors: Actors, batch: TrainBatch, cfg: RunConfig) -> dict:
+    """Advantages and the learner update for one batch; returns learner + advantage metrics."""
+    a, R = cfg.algo, cfg.learner.num_ranks
+    rows = batch.size // R
+    shards = [batch.select(slice(r * rows, (r + 1) * rows)) for r in range(R)]
+    prep = ray.get([lr.prepare.remote(s) for lr, s in zip(actors.learners, shards)])
+    rewards = batch.rewards.clone()
+    lengths = batch.response_mask.new_tensor([float(s.response_mask[i].sum()) for s in shards for i in range(s.size)])
+    if a.overlong_buffer:
+        rewards = rewards + grpo.overlong_penalty(lengths, cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
+    if a.kl_coef > 0 and a.kl_in == "reward":
+        kl_seq = torch.tensor([k for p in prep for k in p["kl_seq"]])
+        rewards = rewards - a.kl_coef * kl_seq
+    adv = grpo.compute_advantages(a.advantage, rewards, cfg.rollout.group_size, batch.response_mask, std=a.std, eps=a.adv_eps)
+    denoms = minibatch_denoms(batch, R, a.mini_batches)
+    out = mean_dicts(ray.get([lr.update.remote(adv[r * rows:(r + 1) * rows], denoms) for r, lr in enumerate(actors.learners)]))
+    valid = batch.response_mask.sum(1) > 0
+    seq_adv = adv.sum(1) / batch.response_mask.sum(1).clamp(min=1)
+    out.update({f"adv/{k}": v for k, v in {"mean": float(seq_adv[valid].mean()), "std": float(seq_adv[valid].std())}.items()}
+               if valid.sum() > 1 else {})
+    out.update(grpo.group_stats(rewards, cfg.rollout.group_size))
+    return out
+
+
+def check_sync(actors: Actors, token_ids: list[int], start: int) -> float:
+    """Max |engine - learner| log-prob over ``token_ids[start:]`` for every engine (nats)."""
+    learner_lp = ray.get(actors.learners[0].sequence_logprobs.remote(token_ids, start))
+    engine_lps = ray.get([e.sequence_logprobs.remote(token_ids, start) for e in actors.engines])
+    return max(max(abs(x - y) for x, y in zip(learner_lp, lp)) for lp in engine_lps)
+
+
+def evaluate(dispatcher: RolloutDispatcher, prompts: list[Prompt], cfg: RunConfig) -> dict:
+    """Greedy (temperature 0) accuracy and reward on held-out prompts through the engines."""
+    groups, t = dispatcher.run(prompts, n=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0)
+    return {**rollout_metrics(groups, prefix="eval/"), "eval/seconds": t["generate"] + t["reward"]}
+
+
+def train(cfg: RunConfig, run_dir: Path, actors: Actors, prompts: list[Prompt], eval_prompts: list[Prompt],
+          pad_id: int, stream: Iterator[Prompt], say: Callable[[str], None] = print) -> dict:
+    """Run ``cfg.steps`` GRPO steps; returns the summary (eval before/after, last metrics)."""
+    dispatcher = RolloutDispatcher(actors.engines, actors.rewards)
+    sync = WeightSync(actors.learners, actors.engines, cfg.sync.strategy, actors.single_node())
+    writer = MetricsWriter(run_dir)
+    first = evaluate(dispatcher, eval_prompts, cfg)
+    writer.write({"step": 0, **first})
+    say(f"start: held-out greedy accuracy {first.get('eval/accuracy', float('nan')):.3f} on {len(eval_prompts)} prompts")
+    version, record = 0, {}
+    bar = tqdm(range(1, cfg.steps + 1), desc="grpo", dynamic_ncols=True)
+    for step in bar:
+        t_step = time.time()
+        groups, record = collect_groups(dispatcher, stream, cfg)
+        record.update(rollout_metrics(groups))
+        batch = collate_groups(groups, pad_id, mask_truncated=cfg.algo.mask_truncated)
+        t0 = time.time()
+        record.update(learn(actors, batch, cfg))
+        record["time/learn"] = time.time() - t0
+        if record.get("zero_variance_frac") == 1.0:
+            say(grpo.ZERO_VARIANCE_MESSAGE)
+        if step % cfg.sync.every == 0 or step == cfg.steps:
+            version = step
+            record.update(sync.sync(version))
+            record["time/sync"] = record["sync_seconds"]
+            probe = groups[0].prompt.token_ids + groups[0].samples[0].response_ids
+            record["sync/logprob_max_diff"] = check_sync(actors, probe, len(groups[0].prompt.token_ids))
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            record.update(evaluate(dispatcher, eval_prompts, cfg))
+        if cfg.save_every and step % cfg.save_every == 0:
+            ray.get([lr.save_hf.remote(str(run_dir / "checkpoints" / f"step_{step}"), str(run_dir / "tokenizer")) for lr in actors.learners])
+        record.update(step=step, policy_version=version, **{"time/step": time.time() - t_step})
+        writer.write(record)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record.get('accuracy', float('nan')):.3f}",
+                        kl=f"{record.get('kl_ref', 0.0):.4f}", v=version)
+    final = evaluate(dispatcher, eval_prompts, cfg)
+    writer.write({"step": cfg.steps, "final": True, **final})
+    ckpt = str(run_dir / "checkpoints" / "final")
+    ray.get([lr.save_hf.remote(ckpt, str(run_dir / "tokenizer")) for lr in actors.learners])
+    sync.close()
+    writer.close()
+    return {"eval_start": first, "eval_final": final, "last_step": record, "checkpoint": ckpt, "policy_version": version}

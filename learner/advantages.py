@@ -1,0 +1,423 @@
+"""Group-relative advantages and reward shaping (pure torch). Re-exported by ``troupe.learner.grpo``.
+
+The algorithmic choices are stated once, in the docstring of ``troupe.learner.grpo``; this module
+implements the reward -> advantage half of them:
+
+* outcome advantages: ``compute_advantages`` dispatching to ``ADVANTAGE_ESTIMATORS``
+  ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline");
+* process-supervision advantages (DeepSeekMath section 4.1.3): ``process_advantages``;
+* DAPO dynamic sampling (``dynamic_sampling_keep``) and soft overlong punishment
+  (``overlong_penalty``);
+* reward statistics for metrics (``group_stats``) and ``ZERO_VARIANCE_MESSAGE``.
+
+Batch convention: B samples in contiguous groups of ``group_size`` (rows k*G .. k*G+G-1 are the
+G samples of prompt k). ``rewards`` is [B] float; NaN marks a sample that could not be scored: it
+is left out of its group's statistics and gets advantage 0. Statistics are computed in float64.
+
+Imports torch, math and typing only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+STD_MODES = ("unbiased", "population")
+
+ZERO_VARIANCE_MESSAGE = (
+    "Every group in this batch has zero reward variance: all samples of each prompt got the "
+    "same reward (or fewer than two samples were scored), so every group-relative advantage is "
+    "0, and the policy-gradient loss and its gradient are exactly 0 (only a KL term, if any, "
+    "moves the weights). This is not a bug in the loss. To get a learning signal: raise the "
+    "sampling temperature (rollout.temperature) so samples differ; use prompts of a difficulty "
+    "the model sometimes but not always solves (all-correct groups mean the prompts are too "
+    "easy, all-wrong groups that they are too hard); raise the group size G so that at least "
+    "one sample differs; turn on DAPO dynamic sampling (algo.dynamic_sampling), which drops "
+    "zero-variance groups and refills the batch; or use a graded reward instead of 0/1."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and grouping helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_group_size(n: int, group_size: int, what: str = "B") -> None:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if n % group_size != 0:
+        raise ValueError(
+            f"{what}={n} samples is not divisible by group_size={group_size}: the batch must be "
+            f"whole groups of G samples in contiguous rows"
+        )
+
+
+def _check_rewards(rewards: Tensor, group_size: int) -> None:
+    if not isinstance(rewards, Tensor) or rewards.dim() != 1:
+        shape = tuple(rewards.shape) if isinstance(rewards, Tensor) else type(rewards).__name__
+        raise ValueError(f"rewards must be a 1-D tensor [B], got {shape}")
+    if not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a float tensor (NaN marks excluded samples), got {rewards.dtype}")
+    if torch.isinf(rewards).any():
+        raise ValueError("rewards contain +-inf; use NaN to exclude a sample, finite values otherwise")
+    _check_group_size(rewards.shape[0], group_size)
+
+
+def _check_std(std: str) -> None:
+    if std not in STD_MODES:
+        raise ValueError(f"std must be one of {STD_MODES}, got {std!r}")
+
+
+def _check_mask(response_mask: Tensor, B: int) -> None:
+    if not isinstance(response_mask, Tensor) or response_mask.dim() != 2 or response_mask.shape[0] != B:
+        shape = tuple(response_mask.shape) if isinstance(response_mask, Tensor) else type(response_mask).__name__
+        raise ValueError(f"response_mask must be [B, T] with B={B}, got {shape}")
+
+
+def _out_dtype(rewards: Tensor) -> torch.dtype:
+    return torch.float64 if rewards.dtype == torch.float64 else torch.float32
+
+
+class _Groups:
+    """Per-group statistics of a [B] reward vector viewed as [N, G] (float64, NaN-aware)."""
+
+    def __init__(self, rewards: Tensor, group_size: int):
+        r = rewards.detach().to(torch.float64).reshape(-1, group_size)
+        self.valid = ~torch.isnan(r)  # [N, G] bool
+        self.n = self.valid.sum(dim=1, keepdim=True).to(torch.float64)  # [N, 1] valid count
+        self.r = torch.where(self.valid, r, torch.zeros_like(r))  # NaN -> 0
+        self.mean = self.r.sum(dim=1, keepdim=True) / self.n.clamp(min=1.0)  # [N, 1]
+        hi = torch.where(self.valid, r, torch.full_like(r, -math.inf)).amax(dim=1, keepdim=True)
+        lo = torch.where(self.valid, r, torch.full_like(r, math.inf)).amin(dim=1, keepdim=True)
+        # informative: >= 2 valid rewards that are not all equal. Other groups get exactly 0.
+        self.informative = (self.n >= 2) & (hi > lo)  # [N, 1]
+        centred = torch.where(self.valid & self.informative, self.r - self.mean, torch.zeros_like(r))
+        self.centred = centred  # [N, G], exactly 0 for invalid samples and degenerate groups
+
+    def std(self, mode: str) -> Tensor:
+        """[N, 1] group std of the valid rewards: N-1 ("unbiased") or N ("population") divisor."""
+        ddof = 1.0 if mode == "unbiased" else 0.0
+        var = (self.centred**2).sum(dim=1, keepdim=True) / (self.n - ddof).clamp(min=1.0)
+        return var.sqrt()
+
+
+def _broadcast(adv_seq: Tensor, response_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B] per-sequence advantage -> [B, T] = adv * response_mask."""
+    mask = response_mask.to(device=adv_seq.device, dtype=torch.float64)
+    return (adv_seq.reshape(-1, 1) * mask).to(device=response_mask.device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# outcome advantage estimators: (rewards [B], group_size, response_mask [B, T], *, std, eps) -> [B, T]
+# ---------------------------------------------------------------------------------------------
+
+
+def grpo_advantages(
+    rewards: Tensor, group_size: int, response_mask: Tensor, *, std: str = "unbiased", eps: float = 1e-6
+) -> Tensor:
+    """GRPO outcome advantage (DeepSeekMath arXiv 2402.03300, section 4.1.2).
+
+    A_i = (r_i - mean_g(r)) / (std_g(r) + eps), the same for every response token of sample i.
+
+    Args:
+        rewards: [B] float, NaN = excluded (left out of the group mean/std, advantage 0).
+        group_size: G; B must be a multiple of G.
+        response_mask: [B, T] bool/float, 1 on response tokens that count.
+        std: "unbiased" (divide by n-1, veRL/TRL) or "population" (divide by n), n = valid samples.
+        eps: added to the std (veRL 1e-6, TRL 1e-4).
+    Returns:
+        [B, T] float32 (float64 if rewards are float64): A_i * response_mask. Groups with fewer than
+        2 valid rewards or with all valid rewards equal get exactly 0.
+    Raises:
+        ValueError: bad shapes/dtypes, B not divisible by G, inf rewards, unknown ``std``.
+    """
+    _check_rewards(rewards, group_size)
+    _check_mask(response_mask, rewards.shape[0])
+    _check_std(std)
+    g = _Groups(rewards, group_size)
+    adv = g.centred / (g.std(std) + eps)
+    adv = torch.where(g.informative, adv, torch.zeros_like(adv))
+    return _broadcast(adv.reshape(-1), response_mask, _out_dtype(rewards))
+
+
+def dr_grpo_advantages(
+    rewards: Tensor, group_size: int, response_mask: Tensor, *, std: str = "unbiased", eps: float = 1e-6
+) -> Tensor:
+    """Dr.GRPO outcome advantage (arXiv 2503.20783): A_i = r_i - mean_g(r), no std division.
+
+    Shapes, NaN handling and errors as ``grpo_advantages``; ``std`` is validated and ``eps`` unused
+    (kept so every estimator has the same signature).
+    """
+    _check_rewards(rewards, group_size)
+    _check_mask(response_mask, rewards.shape[0])
+    _check_std(std)
+    g = _Groups(rewards, group_size)
+    return _broadcast(g.centred.reshape(-1), response_mask, _out_dtype(rewards))
+
+
+def rloo_advantages(
+    rewards: Tensor, group_size: int, response_mask: Tensor, *, std: str = "unbiased", eps: float = 1e-6
+) -> Tensor:
+    """RLOO advantage (Ahmadian et al., arXiv 2402.14740): leave-one-out baseline.
+
+    A_i = r_i - (1/(n-1)) sum_{j != i} r_j = n/(n-1) * (r_i - mean_g(r)), n = valid samples of the
+    group (n < 2 -> 0). Shapes, NaN handling and errors as ``grpo_advantages``; ``eps`` unused.
+    """
+    _check_rewards(rewards, group_size)
+    _check_mask(response_mask, rewards.shape[0])
+    _check_std(std)
+    g = _Groups(rewards, group_size)
+    adv = g.centred * g.n / (g.n - 1.0).clamp(min=1.0)
+    return _broadcast(adv.reshape(-1), response_mask, _out_dtype(rewards))
+
+
+def reinforce_pp_baseline_advantages(
+    rewards: Tensor, group_size: int, response_mask: Tensor, *, std: str = "unbiased", eps: float = 1e-6
+) -> Tensor:
+    """REINFORCE++-baseline (arXiv 2501.03262; as in OpenRLHF ``reinforce_baseline`` / veRL).
+
+    x_i = r_i - mean_g(r) (group baseline), broadcast to the sample's tokens, then whitened over the
+    whole batch: A_{i,t} = (x_i - mu) / (sigma + eps), where mu and sigma are the mean and std of x
+    over every response token (response_mask) of every valid sample in the batch -- token-weighted
+    like veRL's ``masked_whiten`` and OpenRLHF's advantage normalisation. ``std`` picks the divisor of
+    sigma^2 (token count - 1 or token count). The whitening shifts by mu, so samples of a constant
+    group may get a small non-zero advantage (as in the peers). Call it on the whole step batch,
+    not per micro-batch or per rank: mu and sigma are batch statistics.
+
+    Returns [B, T] (0 on excluded samples and masked tokens). Errors as ``grpo_advantages``.
+    """
+    _check_rewards(rewards, group_size)
+    _check_mask(response_mask, rewards.shape[0])
+    _check_std(std)
+    g = _Groups(rewards, group_size)
+    x = g.centred.reshape(-1)  # [B]
+    valid = g.valid.reshape(-1)
+    mask = response_mask.detach().to(device=x.device, dtype=torch.float64)
+    w = mask.sum(dim=1) * valid.to(torch.float64)  # [B] tokens each valid sample contributes
+    total = w.sum()
+    ddof = 1.0 if std == "unbiased" else 0.0
+    if total - ddof <= 0:
+        adv = torch.zeros_like(x)
+    else:
+        mu = (w * x).sum() / total
+        sigma = ((w * (x - mu) ** 2).sum() / (total - ddof)).sqrt()
+        adv = (x - mu) / (sigma + eps) if float(sigma) > 0 else torch.zeros_like(x)
+        adv = torch.where(valid, adv, torch.zeros_like(adv))
+    return _broadcast(adv, response_mask, _out_dtype(rewards))
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
+    "grpo": grpo_advantages,
+    "dr_grpo": dr_grpo_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
+}
+
+
+def compute_advantages(
+    estimator: str,
+    rewards: Tensor,
+    group_size: int,
+    response_mask: Tensor,
+    *,
+    std: str = "unbiased",
+    eps: float = 1e-6,
+) -> Tensor:
+    """Outcome advantages by name: ``ADVANTAGE_ESTIMATORS[estimator](rewards, group_size, response_mask, ...)``.
+
+    Args:
+        estimator: "grpo" | "dr_grpo" | "rloo" | "reinforce_pp_baseline".
+        rewards: [B] float, samples in contiguous groups of G; NaN = excluded (advantage 0).
+        group_size: G.
+        response_mask: [B, T] bool/float, 1 on response tokens that count.
+        std: "unbiased" (N-1) or "population" (N); used by grpo and reinforce_pp_baseline.
+        eps: added to the std by grpo and reinforce_pp_baseline.
+    Returns:
+        [B, T] float32 (float64 for float64 rewards): per-sequence advantage * response_mask.
+    Raises:
+        ValueError: unknown estimator (the message lists the valid ones), B not divisible by
+        group_size, bad shapes, inf rewards, unknown std, negative eps.
+    """
+    fn = ADVANTAGE_ESTIMATORS.get(estimator)
+    if fn is None:
+        raise ValueError(
+            f"unknown advantage estimator {estimator!r}; valid: {', '.join(sorted(ADVANTAGE_ESTIMATORS))}"
+        )
+    if not (eps >= 0.0) or math.isinf(eps):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return fn(rewards, group_size, response_mask, std=std, eps=eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# process supervision
+# ---------------------------------------------------------------------------------------------
+
+
+def process_advantages(
+    step_rewards: list[list[float]],
+    step_ends: list[list[int]],
+    group_size: int,
+    T: int,
+    *,
+    eps: float = 1e-6,
+    std: str = "unbiased",
+) -> Tensor:
+    """Process-supervision advantages (DeepSeekMath arXiv 2402.03300, section 4.1.3).
+
+    For each group, all step rewards of all G outputs are normalised together:
+    r~_{i,j} = (r_{i,j} - mean(R)) / (std(R) + eps), R = every valid step reward of the group.
+    Token t of output i gets A_{i,t} = sum_{j : end(i,j) >= t} r~_{i,j} (the normalised rewards of
+    the steps that end at or after t); tokens after the last step end get 0.
+
+    Args:
+        step_rewards: B lists; step_rewards[i][j] = reward of step j of sample i (NaN = excluded
+            from the statistics, contributes 0). A sample may have no steps (all-zero row).
+        step_ends: B lists of the same lengths; step_ends[i][j] in [0, T) = index of the last
+            response token of step j, non-decreasing in j.
+        group_size: G; B must be a multiple of G, samples in contiguous groups.
+        T: number of response token columns of the output.
+        eps, std: as ``grpo_advantages``; a group with < 2 valid step rewards or all equal -> 0.
+    Returns:
+        [B, T] float32 (CPU; move it to the batch device). Multiply by the response mask if steps can
+        end on padding.
+    Raises:
+        ValueError: length mismatches, end index outside [0, T) or decreasing, B not divisible by
+        G, inf rewards, unknown std.
+    """
+    _check_std(std)
+    B = len(step_rewards)
+    if len(step_ends) != B:
+        raise ValueError(f"step_rewards has {B} samples but step_ends has {len(step_ends)}")
+    _check_group_size(B, group_size)
+    if not isinstance(T, int) or T < 0:
+        raise ValueError(f"T must be an int >= 0, got {T!r}")
+    ddof = 1 if std == "unbiased" else 0
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    for k in range(B // group_size):
+        members = range(k * group_size, (k + 1) * group_size)
+        group_vals: list[float] = []
+        for i in members:
+            rs, es = step_rewards[i], step_ends[i]
+            if len(rs) != len(es):
+                raise ValueError(f"sample {i}: {len(rs)} step rewards but {len(es)} step ends")
+            prev = -1
+            for r, e in zip(rs, es):
+                r = float(r)
+                if math.isinf(r):
+                    raise ValueError(f"sample {i}: step reward {r} is infinite; use NaN to exclude")
+                if not isinstance(e, int) or isinstance(e, bool) or not (0 <= e < T):
+                    raise ValueError(f"sample {i}: step end {e!r} is not an int in [0, T={T})")
+                if e < prev:
+                    raise ValueError(f"sample {i}: step ends must be non-decreasing, got {list(es)}")
+                prev = e
+                if not math.isnan(r):
+                    group_vals.append(r)
+        n = len(group_vals)
+        if n < 2 or max(group_vals) == min(group_vals):
+            continue  # degenerate group: all-zero advantages
+        mean = math.fsum(group_vals) / n
+        sd = math.sqrt(math.fsum((v - mean) ** 2 for v in group_vals) / (n - ddof))
+        for i in members:
+            for r, e in zip(step_rewards[i], step_ends[i]):
+                r = float(r)
+                if not math.isnan(r):
+                    rows.append(i)
+                    cols.append(e)
+                    vals.append((r - mean) / (sd + eps))
+    out = torch.zeros(B, T, dtype=torch.float64)
+    if vals:
+        out.index_put_(
+            (torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)),
+            torch.tensor(vals, dtype=torch.float64),
+            accumulate=True,
+        )
+    # A_{i,t} = sum_{s >= t} out[i, s]: reverse cumulative sum over the token axis.
+    return out.flip(-1).cumsum(-1).flip(-1).to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# DAPO dynamic sampling, overlong shaping, statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def dynamic_sampling_keep(rewards: Tensor, group_size: int) -> Tensor:
+    """DAPO dynamic sampling filter (arXiv 2503.14476, section 3.2).
+
+    Args:
+        rewards: [B] float, contiguous groups of G, NaN = excluded.
+        group_size: G.
+    Returns:
+        [B // G] bool: True for groups whose valid rewards are not all equal (at least 2 valid and
+        max > min), i.e. groups that carry a non-zero group-relative advantage.
+    Raises:
+        ValueError: bad shape, B not divisible by G, inf rewards.
+    """
+    _check_rewards(rewards, group_size)
+    return _Groups(rewards, group_size).informative.reshape(-1).to(rewards.device)
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, penalty: float) -> Tensor:
+    """DAPO soft overlong punishment (arXiv 2503.14476, eq. 13), scaled by ``penalty``.
+
+    R(L) = 0                                     if L <= max_len - buffer
+         = (max_len - buffer - L) / buffer * penalty   if max_len - buffer < L <= max_len
+         = -penalty                              if L > max_len
+    A response truncated at max_len gets -penalty. buffer = 0 turns the ramp off (only L > max_len
+    is punished). Added to the task reward before advantages are computed.
+
+    Args:
+        lengths: [B] response lengths in tokens (int or float).
+        max_len: L_max (rollout max_new_tokens), >= 1.
+        buffer: L_cache, 0 <= buffer <= max_len.
+        penalty: maximum penalty, >= 0.
+    Returns:
+        [B] float32 (<= 0).
+    Raises:
+        ValueError: max_len < 1, buffer outside [0, max_len], penalty < 0, lengths not 1-D.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if not (0 <= buffer <= max_len):
+        raise ValueError(f"buffer must be in [0, max_len={max_len}], got {buffer}")
+    if not (penalty >= 0.0):
+        raise ValueError(f"penalty must be >= 0, got {penalty}")
+    if not isinstance(lengths, Tensor) or lengths.dim() != 1:
+        raise ValueError("lengths must be a 1-D tensor [B]")
+    L = lengths.to(torch.float64)
+    start = float(max_len - buffer)
+    ramp = (start - L) / max(buffer, 1) * penalty
+    out = torch.where(L <= start, torch.zeros_like(L), ramp)
+    out = torch.where(L > max_len, torch.full_like(L, -float(penalty)), out)
+    return out.to(torch.float32)
+
+
+def group_stats(rewards: Tensor, group_size: int) -> dict[str, float]:
+    """Reward statistics for metrics.
+
+    Args:
+        rewards: [B] float, contiguous groups of G, NaN = excluded.
+        group_size: G.
+    Returns:
+        {"zero_variance_frac": fraction of groups whose valid rewards are all equal (groups with
+         fewer than 2 valid rewards count as zero-variance: their advantages are 0),
+         "reward_mean": mean of valid rewards, "reward_std": population std of valid rewards
+         (both 0.0 when nothing is valid), "valid_frac": fraction of samples with a reward}.
+    Raises:
+        ValueError: bad shape, B not divisible by G, inf rewards.
+    """
+    _check_rewards(rewards, group_size)
+    g = _Groups(rewards, group_size)
+    num_groups = g.informative.shape[0]
+    v = rewards.detach().to(torch.float64)
+    v = v[~torch.isnan(v)]
+    return {
+        "zero_variance_frac": float((~g.informative).sum()) / num_groups if num_groups else 0.0,
+        "reward_mean": float(v.mean()) if v.numel() else 0.0,
+        "reward_std": float(v.std(correction=0)) if v.numel() else 0.0,
+        "valid_frac": float(v.numel()) / rewards.shape[0] if rewards.shape[0] else 0.0,
+    }

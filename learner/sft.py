@@ -1,0 +1,130 @@
+"""Cold-start supervised fine-tuning (DeepSeek-R1's cold start), plain single-process torch.
+
+``run_sft(model_dir, examples, out_dir, steps=..., batch_size=..., lr=...)`` trains an HF
+causal LM on (prompt, completion) pairs with cross-entropy on the completion tokens only (the
+completion is followed by EOS), AdamW, linear warmup then cosine decay, and saves the result as
+an HF directory (safetensors, tokenizer copied) that the GRPO stage starts from.
+
+Prompt and completion are tokenized separately and concatenated, exactly as the engines see
+them at RL time (the prompt tokenized alone, the response generated after it).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Callable, Sequence
+
+
+def _encode(tok, examples: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    prompts = tok([p for p, _ in examples], add_special_tokens=False)["input_ids"]
+    comps = tok([c for _, c in examples], add_special_tokens=False)["input_ids"]
+    return [(p, c + [tok.eos_token_id]) for p, c in zip(prompts, comps)]
+
+
+def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    import torch
+
+    width = max(len(p) + len(c) for p, c in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, (p, c) in enumerate(batch):
+        seq = p + c
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        labels[i, len(p) : len(seq)] = torch.tensor(c)
+    return ids, attn, labels
+
+
+def run_sft(
+    model_dir: str,
+    examples: list[tuple[str, str]],
+    out_dir: str,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    warmup_steps: int | None = None,
+    min_lr_ratio: float = 0.1,
+    weight_decay: float = 0.0,
+    log: Callable[[str], None] = print,
+    log_every: int = 25,
+) -> dict:
+    """Fine-tune ``model_dir`` on ``examples`` and save the result to ``out_dir``.
+
+    Args:
+        model_dir: HF directory (model + tokenizer) to start from.
+        examples: (prompt, completion) pairs; loss is on the completion and the EOS after it.
+        out_dir: where the fine-tuned HF directory is written (safetensors, tokenizer copied).
+        steps: optimizer steps; batches cycle through shuffled ``examples``.
+        batch_size: examples per step.
+        lr: peak learning rate (linear warmup over ``warmup_steps``, default 5% of steps,
+            then cosine decay to ``min_lr_ratio * lr``).
+        seed: shuffling and dropout seed.
+        log: callable for progress lines.
+
+    Returns:
+        ``{"loss_first", "loss_last", "steps", "seconds"}``: the first step's loss, the mean loss
+        of the last ``min(10, steps)`` steps, the steps run, the wall time of the training loop.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if steps < 1 or batch_size < 1 or not examples:
+        raise ValueError("need steps >= 1, batch_size >= 1 and at least one example")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    data = _encode(tok, examples)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    warmup = max(1, steps // 20) if warmup_steps is None else max(0, warmup_steps)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        frac = (step - warmup) / max(1, steps - warmup)
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    order: list[int] = []
+    losses: list[float] = []
+    t0 = time.time()
+    for step in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(len(data)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        idx, order = order[:batch_size], order[batch_size:]
+        ids, attn, labels = _collate([data[i] for i in idx], pad_id)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            log(f"sft step {step + 1}/{steps} loss {losses[-1]:.4f} lr {lr_at(step):.2e}")
+    seconds = time.time() - t0
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    tail = losses[-min(10, len(losses)) :]
+    return {
+        "loss_first": losses[0],
+        "loss_last": sum(tail) / len(tail),
+        "steps": steps,
+        "seconds": seconds,
+    }

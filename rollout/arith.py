@@ -1,0 +1,142 @@
+"""Synthetic arithmetic task in the R1-Zero format (the local demo's data set).
+
+A row is ``{"question": "37+48", "answer": "85"}``; the raw prompt is
+``PROMPT_FORMAT.format(question=row["question"])`` and a correct response is
+``<think>...</think><answer>85</answer>`` (the response opens with ``<think>`` itself, so a
+format reward can check ``^<think>.*</think>\\s*<answer>.*</answer>$`` on the response alone).
+
+Train and held-out ("eval") rows are disjoint by construction: every operand tuple is assigned
+to one split by a hash of the tuple, so no held-out question is ever a training question.
+
+``worked_solution(row)`` is the cold-start (DeepSeek-R1) completion: column addition from the
+least significant digit, one step per column with the carry written out, e.g. for 67+48::
+
+    <think>7+8=15,6+4+1=11,so 115</think><answer>115</answer>
+
+This module imports neither torch nor ray nor vllm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from typing import Optional
+
+PROMPT_FORMAT = "Compute {question}. Think in <think></think>, answer in <answer></answer>.\n"
+"""Raw prompt template (data.template 'raw'); the response starts with ``<think>``."""
+
+EVAL_FRACTION = 0.2
+"""Share of operand tuples that belong to the held-out split."""
+
+_SPLITS = ("train", "eval")
+
+
+def _split_of(operands: tuple[int, ...]) -> str:
+    """Deterministic split of an operand tuple (same on every machine and Python version)."""
+    key = "+".join(str(x) for x in operands).encode()
+    h = int.from_bytes(hashlib.sha256(key).digest()[:8], "big")
+    return "eval" if (h % 10_000) < EVAL_FRACTION * 10_000 else "train"
+
+
+def arith_rows(
+    n: int,
+    seed: int,
+    max_operand: int,
+    split: str = "train",
+    *,
+    num_operands: int = 2,
+    min_operand: int = 0,
+) -> list[dict]:
+    """``n`` addition problems with operands drawn uniformly from [min_operand, max_operand].
+
+    Args:
+        n: rows to return.
+        seed: RNG seed; the same arguments always give the same rows.
+        max_operand: largest operand.
+        split: "train" (rows may repeat when n exceeds the train pool) or "eval" (distinct rows;
+            ValueError if the held-out pool is smaller than n).
+        num_operands: operands per question (2: ``a+b``; 3: ``a+b+c``).
+        min_operand: smallest operand.
+
+    Returns:
+        ``[{"question": "37+48", "answer": "85"}, ...]``.
+    """
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    if n < 0 or max_operand < min_operand or min_operand < 0 or num_operands < 2:
+        raise ValueError("need n >= 0, 0 <= min_operand <= max_operand, num_operands >= 2")
+    rng = random.Random(f"arith:{seed}:{split}:{min_operand}:{max_operand}:{num_operands}")
+    pool = (max_operand - min_operand + 1) ** num_operands
+    rows: list[dict] = []
+    seen: set[tuple[int, ...]] = set()
+    attempts = 0
+    max_attempts = 50 * n + 10_000
+    while len(rows) < n:
+        attempts += 1
+        if attempts > max_attempts:
+            raise ValueError(
+                f"could not draw {n} distinct {split!r} rows from operands in "
+                f"[{min_operand}, {max_operand}] (pool of {pool} tuples); lower n or raise max_operand"
+            )
+        ops = tuple(rng.randint(min_operand, max_operand) for _ in range(num_operands))
+        if _split_of(ops) != split:
+            continue
+        if split == "eval":
+            if ops in seen:
+                continue
+            seen.add(ops)
+        rows.append({"question": "+".join(str(x) for x in ops), "answer": str(sum(ops))})
+    return rows
+
+
+def _operands(question: str) -> list[int]:
+    parts = question.split("+")
+    if len(parts) < 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"not an addition question: {question!r}")
+    return [int(p) for p in parts]
+
+
+def worked_solution(row: dict) -> str:
+    """The cold-start response for ``row``: column addition, then the tagged answer.
+
+    Each column adds the operands' digits (missing digits omitted) plus the incoming carry,
+    e.g. ``7+8=15,6+4+1=11,so 115``; the answer is the column results' last digits read from
+    the most significant column, with the final carry in front.
+    """
+    nums = _operands(row["question"])
+    width = max(len(str(x)) for x in nums)
+    steps = []
+    digits = []
+    carry = 0
+    for col in range(width):
+        terms = [str(x)[::-1][col] for x in nums if col < len(str(x))]
+        if carry:
+            terms.append(str(carry))
+        s = sum(int(t) for t in terms)
+        steps.append("+".join(terms) + f"={s}" if len(terms) > 1 else f"{terms[0]}={s}")
+        digits.append(s % 10)
+        carry = s // 10
+    result = (str(carry) if carry else "") + "".join(str(d) for d in reversed(digits))
+    result = str(int(result))
+    total = str(sum(nums))
+    assert result == total, (row, result, total)
+    return f"<think>{','.join(steps)},so {result}</think><answer>{result}</answer>"
+
+
+_ANSWER_RE = re.compile(r"<answer>\s*(-?\d+)\s*</answer>")
+
+
+def extract_answer(response: str) -> Optional[str]:
+    """The integer inside the first ``<answer>...</answer>`` of a response, or None."""
+    m = _ANSWER_RE.search(response)
+    return m.group(1) if m else None
+
+
+def arith_reward(response: str, answer: str) -> float:
+    """1.0 if the tagged answer equals the reference integer exactly, else 0.0."""
+    got = extract_answer(response)
+    try:
+        return 1.0 if got is not None and int(got) == int(answer) else 0.0
+    except ValueError:
+        return 0.0

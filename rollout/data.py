@@ -1,0 +1,228 @@
+"""Prompt data loaders: JSONL and Parquet files, and the GSM8K / MATH-500 presets.
+
+Every row is checked when the file is read, before any actor starts: a row that is not a
+JSON object, lacks the prompt or answer field, has a non-string prompt, or an answer that is
+neither a string nor a number raises :class:`DataError` naming ``file:line`` (1-based line
+for JSONL, 0-based row index for Parquet) and the field.
+
+Preset data live outside the repository, in ``../shared/data`` relative to the repository
+root (see that folder's README), or under ``$TROUPE_DATA_DIR`` when it is set.
+
+This module imports no torch, Ray or vLLM (pyarrow only for Parquet, lazily).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, Mapping, Optional
+
+__all__ = ["DataError", "PRESETS", "data_dir", "load_preset", "load_rows", "preset_path"]
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names ``file:line`` and the field."""
+
+
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "gsm8k": MappingProxyType(
+            {
+                "splits": MappingProxyType(
+                    {"train": "../shared/data/gsm8k/train.jsonl", "test": "../shared/data/gsm8k/test.jsonl"}
+                ),
+                "default_split": "train",
+                "prompt_field": "question",
+                "answer_field": "answer",
+                "reward": "gsm8k",
+            }
+        ),
+        "math500": MappingProxyType(
+            {
+                "splits": MappingProxyType({"test": "../shared/data/math500/test.jsonl"}),
+                "default_split": "test",
+                "prompt_field": "problem",
+                "answer_field": "answer",
+                "reward": "math",
+            }
+        ),
+    }
+)
+"""Preset name -> files per split (relative to the repository root), field names, and the
+matching built-in reward. Read-only."""
+
+_SHARED_PREFIX = "../shared/data/"
+
+
+def _repo_root() -> Path:
+    # rollout/data.py -> the repository root (the package is installed editable, so this is
+    # the checkout, e.g. /work/main).
+    return Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    """Where preset files live: ``$TROUPE_DATA_DIR`` if set, else ``<repo root>/../shared/data``."""
+    env = os.environ.get("TROUPE_DATA_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    return (_repo_root() / _SHARED_PREFIX).resolve()
+
+
+def preset_path(name: str, split: Optional[str] = None) -> Path:
+    """The file of a preset split.
+
+    Args:
+        name: a key of :data:`PRESETS` (``gsm8k``, ``math500``).
+        split: ``train``/``test``; default the preset's ``default_split``.
+    Raises:
+        DataError: unknown preset or split.
+    """
+    if name not in PRESETS:
+        raise DataError(f"unknown data preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    preset = PRESETS[name]
+    split = split or preset["default_split"]
+    if split not in preset["splits"]:
+        raise DataError(f"data preset {name!r} has no split {split!r}; known: {', '.join(preset['splits'])}")
+    rel = preset["splits"][split]
+    return data_dir() / rel[len(_SHARED_PREFIX):]
+
+
+def _check_row(row: Any, where: str, prompt_field: str, answer_field: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: row is a {type(row).__name__}, expected a JSON object")
+    if prompt_field not in row or row[prompt_field] is None:
+        raise DataError(f"{where}: missing field {prompt_field!r} (prompt field); row has {sorted(row)[:10]}")
+    if answer_field not in row or row[answer_field] is None:
+        raise DataError(f"{where}: missing field {answer_field!r} (answer field); row has {sorted(row)[:10]}")
+    if not isinstance(row[prompt_field], str):
+        raise DataError(
+            f"{where}: field {prompt_field!r} (prompt) must be a string, got {type(row[prompt_field]).__name__}"
+        )
+    ans = row[answer_field]
+    if isinstance(ans, bool) or not isinstance(ans, (str, int, float)):
+        raise DataError(
+            f"{where}: field {answer_field!r} (answer) must be a string or a number, got {type(ans).__name__}"
+        )
+    return row
+
+
+def _load_jsonl(path: Path, prompt_field: str, answer_field: str, max_rows: Optional[int]) -> list[dict]:
+    rows: list[dict] = []
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            rows.append(_check_row(row, where, prompt_field, answer_field))
+    return rows
+
+
+def _load_parquet(path: Path, prompt_field: str, answer_field: str, max_rows: Optional[int]) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - pyarrow is a dependency
+        raise DataError(f"{path}: reading Parquet needs pyarrow ({e})") from None
+    try:
+        pf = pq.ParquetFile(str(path))
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types
+        raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    names = pf.schema_arrow.names
+    for fld, what in ((prompt_field, "prompt"), (answer_field, "answer")):
+        if fld not in names:
+            raise DataError(f"{path}: missing field {fld!r} ({what} field); columns are {names}")
+    rows: list[dict] = []
+    index = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            if max_rows is not None and len(rows) >= max_rows:
+                return rows
+            rows.append(_check_row(row, f"{path}:row {index}", prompt_field, answer_field))
+            index += 1
+    return rows
+
+
+def load_rows(
+    path: str | os.PathLike,
+    fmt: Literal["jsonl", "parquet"],
+    *,
+    prompt_field: str,
+    answer_field: str,
+    max_rows: Optional[int] = None,
+) -> list[dict]:
+    """Read and check the rows of a JSONL or Parquet file.
+
+    Args:
+        path: the file.
+        fmt: ``"jsonl"`` (one JSON object per line; blank lines skipped) or ``"parquet"``.
+        prompt_field: column holding the prompt text (must be a string).
+        answer_field: column holding the reference answer (a string or a number; kept as is).
+        max_rows: read at most this many rows (None: all).
+    Returns:
+        The rows as dicts with every column of the file, in file order.
+    Raises:
+        DataError: missing/unreadable file, unknown ``fmt``, or a bad row; the message names
+            ``file:line`` (JSONL, 1-based) or ``file:row i`` (Parquet, 0-based) and the field.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such data file")
+    if max_rows is not None and max_rows < 0:
+        raise DataError(f"{p}: max_rows must be >= 0, got {max_rows}")
+    if fmt == "jsonl":
+        return _load_jsonl(p, prompt_field, answer_field, max_rows)
+    if fmt == "parquet":
+        return _load_parquet(p, prompt_field, answer_field, max_rows)
+    raise DataError(f"{p}: unknown data format {fmt!r} (expected 'jsonl' or 'parquet')")
+
+
+def _gsm8k_number(solution: str) -> str:
+    if "####" not in solution:
+        raise ValueError("no '####' in the GSM8K answer")
+    return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def load_preset(name: str, split: Optional[str] = None, *, max_rows: Optional[int] = None) -> list[dict]:
+    """Load a preset data set with uniform keys.
+
+    ``gsm8k``: ``question``; ``answer`` = the number after ``####`` (commas removed);
+    ``solution`` = the original worked solution. ``math500``: ``question`` (from ``problem``),
+    ``answer``, and ``solution``, ``subject``, ``level``, ``unique_id``.
+
+    Args:
+        name: ``"gsm8k"`` or ``"math500"`` (keys of :data:`PRESETS`).
+        split: ``"train"``/``"test"`` (gsm8k default train; math500 has only test).
+        max_rows: read at most this many rows.
+    Returns:
+        Rows as dicts with at least ``question`` and ``answer`` (strings).
+    Raises:
+        DataError: unknown preset/split, missing file (set ``TROUPE_DATA_DIR``), or a bad row.
+    """
+    path = preset_path(name, split)
+    preset = PRESETS[name]
+    fmt = "parquet" if path.suffix == ".parquet" else "jsonl"
+    if not path.is_file():
+        raise DataError(f"{path}: data preset {name!r} file not found (set TROUPE_DATA_DIR to the data folder)")
+    raw = load_rows(path, fmt, prompt_field=preset["prompt_field"], answer_field=preset["answer_field"], max_rows=max_rows)
+    out: list[dict] = []
+    for i, row in enumerate(raw):
+        if name == "gsm8k":
+            try:
+                number = _gsm8k_number(str(row["answer"]))
+            except ValueError as e:
+                raise DataError(f"{path}: row {i}: field 'answer': {e}") from None
+            new = {k: v for k, v in row.items() if k not in ("question", "answer")}
+            new.update(question=row["question"], answer=number, solution=row["answer"])
+        else:
+            new = {k: v for k, v in row.items() if k != preset["prompt_field"]}
+            new["question"] = row[preset["prompt_field"]]
+            new["answer"] = str(row[preset["answer_field"]])
+        out.append(new)
+    return out
