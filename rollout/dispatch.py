@@ -59,5 +59,5 @@ class RolloutDispatcher:
         out: list[Group] = []
         for ci in range(len(chunks)):
             r = results[ci]
-            out.extend(ray.get(r) if score else r)
+            out.extend(self.reward_pool.get(r) if score else r)
         return out, {"generate": t_gen, "reward": time.time() - t0 - t_gen, "engine_load": load}

@@ -1,0 +1,25 @@
+# troupe: `make run` sets up and runs the demo; `make test` sets up and runs the tests.
+VARIANT ?= cpu
+PY := .venv/bin/python
+
+.PHONY: setup run test test-fast test-slow bench
+setup: .venv/.troupe-$(VARIANT)
+
+.venv/.troupe-$(VARIANT): pyproject.toml scripts/setup.sh constraints/$(VARIANT).txt
+	bash scripts/setup.sh $(VARIANT)
+	touch $@
+
+run: setup
+	.venv/bin/troupe train configs/arith_cpu.yaml
+
+test: setup
+	bash scripts/test.sh
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: setup
+	$(PY) -m pytest -m slow -q
+
+bench: setup
+	$(PY) bench/bench_reward.py
