@@ -1,0 +1,108 @@
+"""Run config: every shipped preset validates; bad files and values fail with the key named, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from troupe.cluster.cli import main
+from troupe.configs.schema import ConfigError, apply_overrides, dump_config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_presets_validate(path):
+    cfg = load_config(path)
+    assert cfg.batch_size % cfg.learner.num_ranks == 0
+    assert main(["check", str(path)]) == 0
+
+
+def _write(folder: Path, name: str, data: dict) -> Path:
+    p = folder / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _base() -> dict:
+    return yaml.safe_load((REPO / "configs" / "arith_cpu.yaml").read_text())
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = load_config(REPO / "configs" / "gsm8k_cpu.yaml")
+    p = tmp_path / "resolved.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p) == cfg
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda d: d["rollout"].update(group_sizee=4), "rollout.group_sizee: unknown key"),
+        (lambda d: d["rollout"].update(group_size=1), "rollout.group_size"),
+        (lambda d: d["algo"].update(advantage="ppo"), "algo.advantage"),
+        (lambda d: d["learner"].update(zero_stage=4), "learner.zero_stage"),
+        (lambda d: d["learner"].update(num_ranks=3), "divisible by learner.num_ranks = 3"),
+        (lambda d: d.update(device="gpu"), "device 'gpu' needs"),
+        (lambda d: d["data"].update(prompt_format="no placeholder"), "data.prompt_format"),
+        (lambda d: d.update(colour="red"), "colour: unknown key"),
+    ],
+)
+def test_bad_values_name_the_key_and_exit_2(tmp_path, capsys, mutate, needle):
+    data = _base()
+    mutate(data)
+    path = _write(tmp_path, "bad.yaml", data)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert needle in str(e.value) and str(path) in str(e.value)
+    assert main(["check", str(path)]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_overrides_apply_and_are_validated(tmp_path, capsys):
+    path = REPO / "configs" / "arith_cpu.yaml"
+    cfg = load_config(path, ["algo.kl_coef=0.05", "rollout.group_size=16", "algo.dual_clip=3"])
+    assert cfg.algo.kl_coef == 0.05 and cfg.rollout.group_size == 16 and cfg.algo.dual_clip == 3.0
+    assert main(["check", str(path), "algo.kl_coef=-1"]) == 2
+    assert "algo.kl_coef" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_overrides({}, ["algo.kl_coef"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "broken.yaml"
+    p.write_text("steps: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    data = yaml.safe_load((REPO / "configs" / "gsm8k_cpu.yaml").read_text())
+    data["data"]["path"] = "missing.jsonl"
+    with pytest.raises(ConfigError, match="data.path: file not found"):
+        load_config(_write(tmp_path, "c.yaml", data))
+
+
+def test_bad_data_row_fails_before_any_actor(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2"}\n')
+    data = yaml.safe_load((REPO / "configs" / "gsm8k_cpu.yaml").read_text())
+    data["data"]["path"] = str(rows)
+    assert main(["check", str(_write(tmp_path, "c.yaml", data))]) == 2
+    err = capsys.readouterr().err
+    assert f"{rows}:2" in err and "answer" in err
+
+
+def test_cli_exit_status_from_the_installed_script(tmp_path):
+    data = _base()
+    data["learner"]["lr"] = 0
+    path = _write(tmp_path, "bad.yaml", data)
+    troupe = Path(sys.executable).parent / "troupe"
+    out = subprocess.run([str(troupe), "train", str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "learner.lr" in out.stderr
+    assert not (tmp_path / "runs").exists()
