@@ -81,8 +81,9 @@ def learn(actors: Actors, batch: TrainBatch, cfg: RunConfig) -> dict:
     if a.overlong_buffer:
         rewards = rewards + grpo.overlong_penalty(lengths, cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
     if a.kl_coef > 0 and a.kl_in == "reward":
-        kl_seq = torch.tensor([k for p in prep for k in p["kl_seq"]])
-        rewards = rewards - a.kl_coef * kl_seq
+        old = torch.cat([p["old_logprobs"] for p in prep])
+        ref = torch.cat([p["ref_logprobs"] for p in prep])
+        rewards = grpo.reward_kl_penalty(rewards, old, ref, batch.response_mask, a.kl_coef, a.kl_estimator)
     adv = grpo.compute_advantages(a.advantage, rewards, cfg.rollout.group_size, batch.response_mask, std=a.std, eps=a.adv_eps)
     denoms = minibatch_denoms(batch, R, a.mini_batches)
     out = mean_dicts(ray.get([lr.update.remote(adv[r * rows:(r + 1) * rows], denoms) for r, lr in enumerate(actors.learners)]))

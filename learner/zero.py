@@ -122,17 +122,22 @@ class LearnerRank:
     def prepare(self, shard: TrainBatch) -> dict:
         """Phase 1 of a step: old (and reference) log-probs of this rank's shard, before any update.
 
-        Keeps the shard on the rank and returns per-sample sums the driver needs for reward
-        shaping: {"kl_seq": [B_r] sum_t KL_t(old || ref) or None}.
+        Keeps the shard on the rank and returns {"old_logprobs": [B_r, T], "ref_logprobs": [B_r, T]
+        or None} for reward shaping in the driver (KL in the reward).
         """
-        t0 = time.time()
         old = self._logprobs(self.engine.module, shard)
         ref = self._logprobs(self.ref, shard) if self.ref is not None else None
         self._shard = shard.with_(old_logprobs=old, ref_logprobs=ref)
-        kl_seq = None
-        if ref is not None:
-            kl_seq = (grpo.kl_estimate(old, ref, self.algo["kl_estimator"]) * shard.response_mask).sum(1).tolist()
-        return {"kl_seq": kl_seq, "prepare_seconds": time.time() - t0}
+        return {"old_logprobs": old, "ref_logprobs": ref}
+
+    def set_algo(self, algo: dict) -> None:
+        """Switch the algorithm section (estimator-independent parts of the loss) between steps.
+
+        Raises ``ValueError`` when asking for a KL term on a rank started without a reference model.
+        """
+        if algo["kl_coef"] > 0 and self.ref is None:
+            raise ValueError("algo.kl_coef > 0 needs a reference model: start the learner with kl_coef > 0")
+        self.algo = dict(algo)
 
     def update(self, advantages: "torch.Tensor", mini_denoms: list[dict]) -> dict:
         """Phase 2 of a step: the GRPO update on the shard kept by ``prepare``.
