@@ -16,6 +16,10 @@ from troupe.cluster.cli import main
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
+# a graded reward next to accuracy and format so that groups have variance even before the
+# tiny model solves anything (then every step has a non-zero policy gradient)
+LENGTH = f"{REPO / 'tests' / 'e2e_rewards.py'}:length_reward"
+REWARDS = f"reward.functions=[{{name: accuracy}}, {{name: format, weight: 0.1}}, {{name: '{LENGTH}', weight: 0.01}}]"
 
 # small and quick: 4 prompts x G=4 = 16 samples per step, 16 held-out prompts
 TINY = [
@@ -40,7 +44,7 @@ def _run(tmp_path: Path, name: str, extra: list[str], config: str = "configs/ari
 @pytest.mark.parametrize("stage", [2, 3])
 def test_arith_grpo_two_ranks(tmp_path, stage):
     """1 engine, 1 reward worker, 2 learner ranks under ZeRO-`stage`: the policy moves, engines follow."""
-    run_dir, summary = _run(tmp_path, f"zero{stage}", TINY + ["steps=3", f"learner.zero_stage={stage}", "algo.kl_coef=0.01"])
+    run_dir, summary = _run(tmp_path, f"zero{stage}", TINY + [REWARDS, "steps=3", f"learner.zero_stage={stage}", "algo.kl_coef=0.01"])
     recs = _records(run_dir)
     steps = [r for r in recs if r.get("step", 0) >= 1 and not r.get("final")]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -105,9 +109,7 @@ def test_every_variant_trains_end_to_end(tmp_path):
     from troupe.rollout.dispatch import RolloutDispatcher
     from troupe.rollout.prompts import build_prompts, prompt_stream
 
-    plugin = f"{REPO / 'tests' / 'e2e_rewards.py'}:length_reward"
-    cfg = load_config(REPO / "configs" / "arith_cpu.yaml", TINY + ["algo.kl_coef=0.01", "sft.enabled=false",
-                                                                   f"reward.functions=[{{name: '{plugin}'}}]"])
+    cfg = load_config(REPO / "configs" / "arith_cpu.yaml", TINY + ["algo.kl_coef=0.01", "sft.enabled=false", REWARDS])
     train_rows, _ = load_task(cfg)
     model_path, _ = prepare_model(cfg, tmp_path, train_rows, print)
     tok = AutoTokenizer.from_pretrained(model_path)
