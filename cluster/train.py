@@ -97,7 +97,8 @@ def learn(actors: Actors, batch: TrainBatch, cfg: RunConfig) -> dict:
 
 def check_sync(actors: Actors, token_ids: list[int], start: int) -> float:
     """Max |engine - learner| log-prob over ``token_ids[start:]`` for every engine (nats)."""
-    learner_lp = ray.get(actors.learners[0].sequence_logprobs.remote(token_ids, start))
+    # every rank runs the forward: under ZeRO-3 gathering the parameters is collective
+    learner_lp = ray.get([lr.sequence_logprobs.remote(token_ids, start) for lr in actors.learners])[0]
     engine_lps = ray.get([e.sequence_logprobs.remote(token_ids, start) for e in actors.engines])
     return max(max(abs(x - y) for x, y in zip(learner_lp, lp)) for lp in engine_lps)
 

@@ -112,7 +112,10 @@ class LearnerRank:
         return torch.cat(chunks)
 
     def sequence_logprobs(self, token_ids: list[int], start: int) -> list[float]:
-        """Learner log-probs (temperature 1) of ``token_ids[start:]`` given their prefix, for the sync check."""
+        """Learner log-probs (temperature 1) of ``token_ids[start:]`` given their prefix, for the sync check.
+
+        Every rank must call it under ZeRO-3 (the forward gathers parameters collectively).
+        """
         ids = torch.tensor([token_ids], device=self.engine.device)
         with torch.no_grad():
             logits = self.engine.module(input_ids=ids).logits.float()
