@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 
 
@@ -104,6 +105,15 @@ def no_kwargs(prompts, completions):
 def positional_only(prompts, completions, /, **kwargs):
     """Wrong signature: prompts/completions cannot be passed by keyword (TRL passes keywords)."""
     return [0.0 for _ in completions]
+
+
+def wedge_on_wedge(prompts, completions, **kwargs):
+    """Catastrophic regex backtracking for 'wedge' completions: C code holding the GIL for
+    hours, which no thread timeout can interrupt (the pool's heartbeat must catch it)."""
+    for c in completions:
+        if c == "wedge":
+            re.match(r"(a+)+$", "a" * 64 + "b")
+    return [_value(c) for c in completions]
 
 
 NOT_CALLABLE = 3

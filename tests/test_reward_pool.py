@@ -295,6 +295,41 @@ def test_pool_replaces_killed_actor_and_resubmits(ray_local):
         pool.shutdown()
 
 
+def _text_groups(texts_per_group: list[list[str]]) -> list[Group]:
+    return [
+        Group(
+            prompt=Prompt(uid=i, text="q", token_ids=[], question="q", answer="0"),
+            samples=[Sample([], [], t, False, 0) for t in texts],
+        )
+        for i, texts in enumerate(texts_per_group)
+    ]
+
+
+def test_pool_recovers_from_wedged_worker(ray_local):
+    """A reward stuck in C code holding the GIL (no thread timeout can fire) wedges its worker;
+    the heartbeat notices, the batch is retried once on a fresh worker, then scored as failed,
+    and the batch queued behind it on the same worker is re-scored normally."""
+    from troupe.reward.pool import RewardPool
+
+    pool = RewardPool(_cfg([("reward_plugins:wedge_on_wedge", 1.0)], num_workers=1, timeout_s=0.5), heartbeat_s=1.0)
+    try:
+        bad = pool.submit(_text_groups([["ok 1", "wedge"], ["ok 2", "ok 3"]]))
+        good = pool.submit(_text_groups([["ok 4", "ok 5"]]))  # queued behind it on the same worker
+        t0 = time.perf_counter()
+        failed = pool.get(bad, timeout=120)
+        assert time.perf_counter() - t0 < 60
+        assert [g.rewards for g in failed] == [[0.0, 0.0], [0.0, 0.0]]
+        assert failed[0].failures == {"timeout": 2, "worker_wedged": 1}
+        assert failed[1].failures == {"timeout": 2}
+        assert failed[0].reward_parts == {"reward_plugins:wedge_on_wedge": [None, None]}
+        scored = pool.get(good, timeout=120)
+        assert scored[0].rewards == [4.0, 5.0]
+        assert scored[0].failures == {"worker_restart": 1}
+        assert pool.restarts == 2
+    finally:
+        pool.shutdown()
+
+
 def test_pool_rejects_bad_spec_before_starting(ray_local):
     from troupe.reward.pool import RewardPool
 

@@ -19,6 +19,7 @@ from troupe.reward.verifiers import (
     math_reward,
     numbers_equal,
     parse_number,
+    too_large_for_sympy,
 )
 from troupe.rollout.data import preset_path
 
@@ -316,3 +317,51 @@ def test_verifiers_import_without_heavy_deps():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
 
+
+
+@pytest.mark.parametrize(
+    "expr, refused",
+    [
+        ("9^{9^{9}}", True),
+        ("10^{10^{10}}", True),
+        ("10^{10}!", True),
+        ("(10^{6})!", True),
+        ("2^{10^{8}}", True),
+        ("2^{2\\cdot 10^{9}}", True),
+        ("2**10**10", True),
+        ("9^9^9", True),
+        ("2^{2023}", False),
+        ("2^{2^{10}}", False),
+        ("10^{100}", False),
+        ("e^{x^2}", False),
+        ("(x+1)^{200}", False),
+        ("5!", False),
+        ("5!=120", False),
+        ("\\frac{1}{2}", False),
+    ],
+)
+def test_too_large_for_sympy(expr, refused):
+    assert too_large_for_sympy(expr) is refused
+
+
+def test_math_reward_refuses_gil_bombs_quickly():
+    """SymPy would evaluate these while holding the GIL (no timeout can stop it): they score 0 at
+    once. Run in a subprocess so that a regression fails the test instead of hanging pytest."""
+    import subprocess
+
+    code = (
+        "from troupe.reward.verifiers import math_reward\n"
+        "for e in ['9^{9^{9}}', '10^{10^{10}}', '10^{10}!', '2**10**10']:\n"
+        "    assert math_reward('\\\\boxed{%s}' % e, '1') == 0.0, e\n"
+        "    assert math_reward('<answer>1</answer>', e) == 0.0, e\n"
+        "assert math_reward('\\\\boxed{2^{2023}}', '2^{2023}') == 1.0\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_number_parsing_has_no_huge_exponents():
+    assert parse_number("1e999999999") is None  # would build a 10^9-digit integer
+    assert parse_number("1" * 5000) is None  # beyond Python's int digit limit: not a number here
+    assert gsm8k_reward("<answer>1e99999999</answer>", "5") == 0.0

@@ -1,0 +1,438 @@
+"""Reward workers: Ray actors that score groups while the engines keep generating.
+
+``RewardWorker`` is a plain class (usable without Ray, e.g. in tests); ``RewardPool`` wraps it
+with ``ray.remote`` and starts ``cfg.num_workers`` actors. ``RewardPool.submit`` returns an
+``ObjectRef`` at once, so the training loop can hand a batch of groups to the pool and go
+back to generation; ``RewardPool.get`` collects the scored groups later.
+
+Fault tolerance, in three layers:
+
+1. Ray: actors are created with ``max_restarts=-1, max_task_retries=-1``. If a worker
+   process dies mid-batch (segfault in a C extension, ``os._exit``, OOM kill), Ray restarts
+   it and re-runs the batch on the new process; the first batch a restarted worker scores
+   carries ``failures["worker_restart"] = 1`` on its first group.
+2. Pool, dead worker: if ``get`` sees ``ray.exceptions.RayActorError`` (the actor was killed
+   with ``no_restart``, its node is gone, or retries are capped), the pool replaces the
+   actor, resubmits the batch once and counts ``failures["worker_restart"]`` on its first
+   group. A second death raises :class:`RewardPoolError`.
+3. Pool, wedged worker: per-call timeouts in ``troupe.reward.scoring`` are thread-based,
+   and a thread stuck in C code that holds the GIL (a huge integer power, a catastrophic
+   regex) stops the whole process, timeouts included. While waiting, ``get`` pings the
+   worker (``ping`` runs in its own actor thread, so it answers whenever the interpreter
+   runs); no answer within ``heartbeat_s`` means the process is wedged: the pool kills and
+   replaces it and resubmits the batch once (``failures["worker_restart"]``). If the batch
+   wedges its second worker too, it is returned scored as failed: every part of every
+   sample counts as ``"timeout"`` (reward 0 or None by ``on_failure``) and the first group
+   carries ``failures["worker_wedged"] = 1``.
+
+Caveat: with unlimited task retries, a batch that kills every worker that touches it (a
+reward function that crashes the process on one input) is retried forever by Ray (layer 1).
+Pass ``max_task_retries=3`` (for example) to hand that case to layer 2 and then an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Literal, Optional, Sequence, Union
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from troupe.configs.schema import RewardConfig
+from troupe.reward.registry import load_reward_function
+from troupe.reward.scoring import part_names, score_batch
+from troupe.rollout.types import Group
+
+__all__ = ["RewardPool", "RewardPoolError", "RewardWorker", "function_specs", "part_names"]
+
+logger = logging.getLogger(__name__)
+
+_RESERVED_COLUMNS = ("prompts", "completions", "answer")
+_HEALTH_GROUP = "health"
+_STARTUP_TIMEOUT_S = 300.0
+
+
+class RewardPoolError(RuntimeError):
+    """A batch could not be scored even after replacing its worker once."""
+
+
+def function_specs(cfg: RewardConfig) -> list[tuple[str, float]]:
+    """``[(name, weight), ...]`` from a RewardConfig (plain tuples, cheap to send to actors)."""
+    return [(f.name, float(f.weight)) for f in cfg.functions]
+
+
+class RewardWorker:
+    """Scores groups with the configured reward functions (one per Ray actor, or in-process).
+
+    Args:
+        functions: ``[(spec, weight), ...]``; specs as accepted by
+            :func:`troupe.reward.registry.load_reward_function`, loaded here (in the worker
+            process, so plugin modules must be importable there).
+        timeout_s: per-sample timeout (RewardConfig.timeout_s).
+        on_failure: ``"zero"`` or ``"exclude"`` (RewardConfig.on_failure).
+    Raises:
+        ValueError: a spec cannot be loaded (message names the spec).
+    """
+
+    def __init__(
+        self,
+        functions: Sequence[tuple[str, float]],
+        timeout_s: float,
+        on_failure: Literal["zero", "exclude"],
+    ) -> None:
+        if not functions:
+            raise ValueError("RewardWorker: no reward functions configured")
+        names = part_names([spec for spec, _ in functions])
+        self._fns = [
+            (name, load_reward_function(spec), float(weight)) for name, (spec, weight) in zip(names, functions)
+        ]
+        self._timeout_s = float(timeout_s)
+        self._on_failure = on_failure
+        self._restarted = False
+        try:
+            if ray.is_initialized():
+                ctx = ray.get_runtime_context()
+                self._restarted = bool(ctx.get_actor_id()) and bool(ctx.was_current_actor_reconstructed)
+        except Exception:  # noqa: BLE001 - not in an actor
+            self._restarted = False
+
+    @ray.method(concurrency_group=_HEALTH_GROUP)
+    def ping(self) -> list[str]:
+        """The part names this worker scores (proves the functions loaded and the process runs).
+
+        Runs in its own actor thread (concurrency group ``health``), so it answers while
+        ``score`` is busy, unless the interpreter itself is blocked.
+        """
+        return [name for name, _, _ in self._fns]
+
+    def score(self, groups: list[Group]) -> list[Group]:
+        """Score every sample of every group and return the groups filled in.
+
+        Each group is scored as one batch (``score_batch``; its samples share the prompt and
+        reference). Reward functions receive ``prompts`` (``prompt.question``), ``completions``
+        (``sample.text``), ``answer`` (``prompt.answer``) and every key of ``prompt.columns``
+        present in any group of the batch (None where a group lacks it; keys named
+        ``prompts``/``completions``/``answer`` are skipped).
+
+        Sets on each group: ``rewards`` ([G] combined reward or None), ``reward_parts``
+        (name -> [G]), and adds to ``failures``: counts per cause (``exception``, ``timeout``,
+        ``nan``, ``type``; per function-sample pair), ``none`` (function returned None: not a
+        failure, the sample is left out of group statistics) and ``worker_restart``.
+
+        Args:
+            groups: groups with samples.
+        Returns:
+            The same groups (in order), scored.
+        """
+        keys: list[str] = []
+        for g in groups:
+            for k in g.prompt.columns:
+                if k not in keys and k not in _RESERVED_COLUMNS:
+                    keys.append(k)
+        for g in groups:
+            n = len(g.samples)
+            columns: dict[str, list[Any]] = {"answer": [g.prompt.answer] * n}
+            for k in keys:
+                columns[k] = [g.prompt.columns.get(k)] * n
+            res = score_batch(
+                self._fns,
+                [g.prompt.question] * n,
+                [s.text for s in g.samples],
+                columns,
+                timeout_s=self._timeout_s,
+                on_failure=self._on_failure,
+            )
+            g.rewards = res.rewards
+            g.reward_parts = res.parts
+            counts = dict(res.failures)
+            if res.none_count:
+                counts["none"] = res.none_count
+            for k, v in counts.items():
+                g.failures[k] = g.failures.get(k, 0) + v
+            for name, msg in res.messages.items():
+                logger.warning("reward %s: %s", name, msg)
+        if self._restarted and groups:
+            groups[0].failures["worker_restart"] = groups[0].failures.get("worker_restart", 0) + 1
+            self._restarted = False
+        return groups
+
+
+class _Wedged(Exception):
+    pass
+
+
+class RewardPool:
+    """``cfg.num_workers`` reward-worker actors behind a submit / get interface.
+
+    Args:
+        cfg: the run's RewardConfig (functions, timeout_s, on_failure, num_workers).
+        num_cpus_per_worker: Ray CPUs per actor; default ``cfg.num_cpus_per_worker``.
+        max_task_retries: Ray task retries on worker death (-1: unlimited; see module doc).
+        heartbeat_s: seconds a busy worker may leave a ping unanswered before it counts as
+            wedged (layer 3); default ``max(60, 3 * cfg.timeout_s)``; None disables the check.
+        runtime_env: optional Ray runtime_env for the actors (e.g. PYTHONPATH for plugins).
+        wait_ready: block until every actor has loaded its functions (load errors surface
+            here instead of at the first ``get``).
+    Raises:
+        ValueError: a reward spec cannot be loaded (checked in the driver first unless a
+            ``runtime_env`` is given, then in the workers when ``wait_ready``).
+        RuntimeError: Ray is not initialized.
+
+    Usage from the training loop::
+
+        pool = RewardPool(cfg.reward)
+        ref = pool.submit(groups)          # returns at once; keep generating
+        ...
+        scored = pool.get(ref)             # list[Group] with rewards filled in
+        pool.shutdown()
+    """
+
+    def __init__(
+        self,
+        cfg: RewardConfig,
+        num_cpus_per_worker: Optional[float] = None,
+        *,
+        max_task_retries: int = -1,
+        heartbeat_s: Optional[float] = -1.0,
+        runtime_env: Optional[dict] = None,
+        wait_ready: bool = True,
+    ) -> None:
+        if not ray.is_initialized():
+            raise RuntimeError("RewardPool needs Ray: call ray.init() first")
+        self._specs = function_specs(cfg)
+        if runtime_env is None:  # fail fast, in the driver, with the loader's message
+            for spec, _ in self._specs:
+                load_reward_function(spec)
+        self._names = part_names([spec for spec, _ in self._specs])
+        self._timeout_s = cfg.timeout_s
+        self._on_failure = cfg.on_failure
+        self._heartbeat_s = max(60.0, 3.0 * cfg.timeout_s) if heartbeat_s is not None and heartbeat_s < 0 else heartbeat_s
+        cpus = cfg.num_cpus_per_worker if num_cpus_per_worker is None else num_cpus_per_worker
+        options: dict[str, Any] = dict(
+            num_cpus=cpus,
+            max_restarts=-1,
+            max_task_retries=max_task_retries,
+            concurrency_groups={_HEALTH_GROUP: 1},
+        )
+        if runtime_env:
+            options["runtime_env"] = runtime_env
+        self._actor_cls = ray.remote(**options)(RewardWorker)
+        self._workers = [self._new_worker() for _ in range(cfg.num_workers)]
+        self._inflight: list[list[ray.ObjectRef]] = [[] for _ in self._workers]
+        # ref -> (worker slot, actor handle it went to, the groups), for resubmission
+        self._origin: dict[ray.ObjectRef, tuple[int, Any, list[Group]]] = {}
+        self._restarts = 0
+        if wait_ready:
+            self.wait_ready()
+
+    def _new_worker(self) -> Any:
+        return self._actor_cls.remote(self._specs, self._timeout_s, self._on_failure)
+
+    @property
+    def num_workers(self) -> int:
+        """How many worker actors the pool runs."""
+        return len(self._workers)
+
+    @property
+    def workers(self) -> list[Any]:
+        """The worker actor handles (a copy of the list; index = worker slot)."""
+        return list(self._workers)
+
+    @property
+    def restarts(self) -> int:
+        """Workers the pool replaced (dead or wedged; layers 2 and 3 in the module docstring)."""
+        return self._restarts
+
+    def wait_ready(self, timeout: Optional[float] = None) -> None:
+        """Block until every worker has loaded its reward functions.
+
+        Raises:
+            ValueError: a worker could not load a function (the loader's message).
+            ray.exceptions.GetTimeoutError: not ready within ``timeout`` seconds.
+        """
+        try:
+            ray.get([w.ping.remote() for w in self._workers], timeout=timeout)
+        except RayActorError as e:
+            raise ValueError(f"reward workers failed to start: {e}") from e
+
+    def _pick(self) -> int:
+        for i, refs in enumerate(self._inflight):
+            if refs:
+                _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+                self._inflight[i] = list(pending)
+        return min(range(len(self._workers)), key=lambda i: len(self._inflight[i]))
+
+    def _send(self, idx: int, groups: list[Group]) -> ray.ObjectRef:
+        ref = self._workers[idx].score.remote(groups)
+        self._inflight[idx].append(ref)
+        return ref
+
+    def submit(self, groups: list[Group]) -> ray.ObjectRef:
+        """Send a batch of groups to the least-loaded worker; returns at once.
+
+        Args:
+            groups: groups to score (sent by value; the caller's objects are not modified).
+        Returns:
+            An ObjectRef of ``list[Group]`` (scored copies). ``ray.get(ref)`` works;
+            ``pool.get(ref)`` also recovers from dead or wedged workers (layers 2 and 3).
+        """
+        idx = self._pick()
+        groups = list(groups)
+        ref = self._send(idx, groups)
+        self._origin[ref] = (idx, self._workers[idx], groups)
+        return ref
+
+    def submit_split(self, groups: list[Group], parts: Optional[int] = None) -> list[ray.ObjectRef]:
+        """Split groups into ``parts`` contiguous chunks (default: one per worker) and submit each.
+
+        Returns:
+            One ObjectRef per non-empty chunk, in order; ``pool.get(refs)`` returns a list of
+            lists, ``pool.get_flat(refs)`` the concatenation.
+        """
+        k = max(1, min(parts or len(self._workers), len(groups)))
+        size, rem = divmod(len(groups), k)
+        refs, start = [], 0
+        for i in range(k):
+            end = start + size + (1 if i < rem else 0)
+            if end > start:
+                refs.append(self.submit(groups[start:end]))
+            start = end
+        return refs
+
+    def _replace_worker(self, idx: int, actor: Any) -> None:
+        """Kill ``actor`` and put a fresh worker in slot ``idx`` (unless another batch's
+        recovery already replaced it)."""
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        if self._workers[idx] is actor:
+            new = self._new_worker()
+            # Wait until it runs, so that its start-up is not mistaken for a wedged process.
+            ray.get(new.ping.remote(), timeout=_STARTUP_TIMEOUT_S)
+            self._workers[idx] = new
+            self._inflight[idx] = []
+            self._restarts += 1
+
+    def _wait(self, ref: ray.ObjectRef, worker: Any, deadline: Optional[float]) -> list[Group]:
+        """ray.get with heartbeats to ``worker``; raises _Wedged, RayActorError or GetTimeoutError."""
+        while True:
+            step = self._heartbeat_s
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise GetTimeoutError(f"reward batch not scored within the timeout ({ref})")
+                step = left if step is None else min(step, left)
+            ready, _ = ray.wait([ref], timeout=step)
+            if ready:
+                return ray.get(ref)
+            if self._heartbeat_s is None or (deadline is not None and time.monotonic() >= deadline):
+                continue
+            try:
+                ray.get(worker.ping.remote(), timeout=self._heartbeat_s)
+            except GetTimeoutError:
+                ready, _ = ray.wait([ref], timeout=0)
+                if ready:
+                    return ray.get(ref)
+                raise _Wedged(f"reward worker did not answer a ping within {self._heartbeat_s} s") from None
+            except RayActorError:
+                pass  # the actor is restarting or gone; the next ray.get(ref) tells which
+
+    def _failed_batch(self, groups: list[Group]) -> list[Group]:
+        """Copies of ``groups`` scored as all-timeout (the caller's objects stay untouched)."""
+        out = []
+        for g in groups:
+            n = len(g.samples)
+            failures = dict(g.failures)
+            failures["timeout"] = failures.get("timeout", 0) + n * len(self._names)
+            out.append(
+                dataclasses.replace(
+                    g,
+                    rewards=[0.0 if self._on_failure == "zero" else None] * n,
+                    reward_parts={name: [None] * n for name in self._names},
+                    failures=failures,
+                )
+            )
+        if out:
+            out[0].failures["worker_wedged"] = out[0].failures.get("worker_wedged", 0) + 1
+        return out
+
+    def _get_one(self, ref: ray.ObjectRef, timeout: Optional[float]) -> list[Group]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        origin = self._origin.get(ref)
+        if origin is None:  # not submitted through this pool (or already collected)
+            return ray.get(ref, timeout=timeout)
+        idx, actor, groups = origin
+        try:
+            out = self._wait(ref, actor, deadline)
+        except (RayActorError, _Wedged) as e:
+            wedged = isinstance(e, _Wedged)
+            logger.warning(
+                "reward worker %d %s (%s); replacing it and resubmitting %d groups",
+                idx, "is wedged" if wedged else "died", e, len(groups),
+            )
+            self._origin.pop(ref, None)
+            try:
+                self._replace_worker(idx, actor)
+                retry_actor = self._workers[idx]
+                retry = self._send(idx, groups)
+                out = self._wait(retry, retry_actor, deadline)
+            except _Wedged:
+                logger.error("reward batch of %d groups wedged two workers; scoring it as failed", len(groups))
+                self._replace_worker(idx, retry_actor)
+                return self._failed_batch(groups)
+            except (RayActorError, GetTimeoutError) as e2:
+                if isinstance(e2, GetTimeoutError) and deadline is not None and time.monotonic() >= deadline:
+                    raise
+                raise RewardPoolError(
+                    f"reward batch of {len(groups)} groups failed twice (worker died: {e2}); "
+                    "a reward function may be crashing the worker process"
+                ) from e2
+            if out:
+                out[0].failures["worker_restart"] = out[0].failures.get("worker_restart", 0) + 1
+            return out
+        self._origin.pop(ref, None)
+        return out
+
+    def get(
+        self, refs: Union[ray.ObjectRef, Sequence[ray.ObjectRef]], timeout: Optional[float] = None
+    ) -> Union[list[Group], list[list[Group]]]:
+        """Wait for scored groups.
+
+        Args:
+            refs: one ObjectRef from :meth:`submit` (returns ``list[Group]``) or a sequence of
+                them (returns ``list[list[Group]]``, same order).
+            timeout: seconds per ref (None: wait as long as it takes).
+        Raises:
+            RewardPoolError: a batch's worker died again after being replaced.
+            ray.exceptions.GetTimeoutError: ``timeout`` passed.
+        """
+        if isinstance(refs, ray.ObjectRef):
+            return self._get_one(refs, timeout)
+        return [self._get_one(r, timeout) for r in refs]
+
+    def get_flat(self, refs: Sequence[ray.ObjectRef], timeout: Optional[float] = None) -> list[Group]:
+        """:meth:`get` on several refs, concatenated in order."""
+        return [g for batch in self.get(list(refs), timeout) for g in batch]
+
+    def score_now(self, groups: list[Group], timeout: Optional[float] = None) -> list[Group]:
+        """Score groups across all workers and wait: ``get_flat(submit_split(groups))``."""
+        if not groups:
+            return []
+        return self.get_flat(self.submit_split(groups), timeout)
+
+    def shutdown(self) -> None:
+        """Kill the worker actors (pending refs then fail with RayActorError)."""
+        for w in self._workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        self._workers = []
+        self._inflight = []
+        self._origin.clear()
+
+    def __repr__(self) -> str:
+        return f"RewardPool(workers={len(self._workers)}, functions={self._names}, restarts={self._restarts})"
