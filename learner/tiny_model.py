@@ -10,7 +10,8 @@ as an HF directory (safetensors + generation_config.json).
 
 The directory loads with ``AutoTokenizer`` / ``AutoModelForCausalLM`` and in vLLM, GPU or CPU.
 vLLM's CPU attention backend supports only some head sizes (``head_dim = hidden_size //
-num_heads``): 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 (vLLM 0.32 ``CPUAttentionBackend``);
+num_heads``): 32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512 (vLLM 0.32
+``CPUAttentionBackend.get_supported_head_sizes``);
 the default hidden 128 / 4 heads (head_dim 32) loads there. Run this file as a script to check a
 model directory in vLLM on the CPU.
 """
@@ -32,7 +33,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant: {% endif %}"
 )
-VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512):

@@ -13,6 +13,13 @@ least significant digit, one step per column with the carry written out, e.g. fo
 
     <think>7+8=15,6+4+1=11,so 115</think><answer>115</answer>
 
+The demo's cold start (``cold_start_examples(rows, carry_slip=0.7, triples=0.3)``) is an
+*imperfect* teacher: 70% of its solutions come from a student who forgets to carry, so the SFT
+model drops carries under greedy decoding (~55% held-out accuracy) while still sampling the
+carry often enough for GRPO's outcome reward to make it the greedy choice (~95%). A short SFT on
+clean solutions instead lands on a knife edge (20% at 200 steps, 95% at 350) from which GRPO
+did not improve in the prototype.
+
 This module imports neither torch nor ray nor vllm.
 """
 
@@ -97,12 +104,18 @@ def _operands(question: str) -> list[int]:
     return [int(p) for p in parts]
 
 
-def worked_solution(row: dict) -> str:
+def worked_solution(row: dict, *, forget_carry: bool = False) -> str:
     """The cold-start response for ``row``: column addition, then the tagged answer.
 
     Each column adds the operands' digits (missing digits omitted) plus the incoming carry,
     e.g. ``7+8=15,6+4+1=11,so 115``; the answer is the column results' last digits read from
     the most significant column, with the final carry in front.
+
+    ``forget_carry=True`` writes the solution of a sloppy student who drops every carry into a
+    column that has digits (``7+8=15,6+4=10,so 105``): an internally consistent worked
+    solution with the classic carry slip, and a wrong answer whenever a carry occurs. Used to
+    build an imperfect cold-start set (``cold_start_examples``) whose systematic error GRPO
+    then has to remove.
     """
     nums = _operands(row["question"])
     width = max(len(str(x)) for x in nums)
@@ -111,17 +124,55 @@ def worked_solution(row: dict) -> str:
     carry = 0
     for col in range(width):
         terms = [str(x)[::-1][col] for x in nums if col < len(str(x))]
-        if carry:
+        if carry and not forget_carry:
             terms.append(str(carry))
         s = sum(int(t) for t in terms)
         steps.append("+".join(terms) + f"={s}" if len(terms) > 1 else f"{terms[0]}={s}")
         digits.append(s % 10)
         carry = s // 10
-    result = (str(carry) if carry else "") + "".join(str(d) for d in reversed(digits))
-    result = str(int(result))
-    total = str(sum(nums))
-    assert result == total, (row, result, total)
+    result = str(int((str(carry) if carry else "") + "".join(str(d) for d in reversed(digits))))
+    if not forget_carry:
+        assert result == str(sum(nums)), (row, result)
     return f"<think>{','.join(steps)},so {result}</think><answer>{result}</answer>"
+
+
+def cold_start_examples(
+    rows: list[dict],
+    *,
+    prompt_format: str = PROMPT_FORMAT,
+    carry_slip: float = 0.0,
+    triples: float = 0.0,
+    seed: int = 0,
+) -> list[tuple[str, str]]:
+    """(prompt, worked solution) pairs for the cold-start SFT.
+
+    Args:
+        rows: task rows (``arith_rows(..., split="train")``).
+        prompt_format: raw prompt template.
+        carry_slip: share of rows (chosen by ``seed``) written by the sloppy student
+            (``worked_solution(row, forget_carry=True)``); it differs from the correct solution only
+            on rows with a carry into a column. With e.g. 0.7 the SFT model usually drops carries
+            (greedy accuracy ~ the share of carry-free questions, ~55% for operands <= 99) while
+            still sampling the carry ~30% of the time, which the outcome reward then reinforces.
+        triples: adds ``int(triples * len(rows))`` correct single-digit three-term rows
+            (``6+4+1``) so the model learns the three-term digit sums that a kept carry needs
+            (``6+4+1=11``) even when most two-operand demonstrations drop the carry.
+        seed: which rows are sloppy, which triples, and the final shuffle.
+
+    Returns:
+        the pairs, shuffled when ``triples`` adds rows.
+    """
+    rng = random.Random(f"cold_start:{seed}")
+    out = []
+    for r in rows:
+        sloppy = carry_slip > 0 and rng.random() < carry_slip
+        out.append((prompt_format.format(question=r["question"]), worked_solution(r, forget_carry=sloppy)))
+    n_triples = int(triples * len(rows))
+    if n_triples:
+        extra = arith_rows(n_triples, seed, 9, "train", num_operands=3)
+        out += [(prompt_format.format(question=r["question"]), worked_solution(r)) for r in extra]
+        rng.shuffle(out)
+    return out
 
 
 _ANSWER_RE = re.compile(r"<answer>\s*(-?\d+)\s*</answer>")

@@ -1,0 +1,145 @@
+"""Fast CPU tests of the local demo's pieces: the arithmetic task, the tiny model builder, SFT."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from troupe.rollout.arith import (
+    PROMPT_FORMAT,
+    arith_reward,
+    arith_rows,
+    cold_start_examples,
+    extract_answer,
+    worked_solution,
+)
+
+
+def _key(row):
+    return row["question"]
+
+
+def test_arith_splits_disjoint_and_deterministic():
+    train = arith_rows(3000, seed=0, max_operand=99, split="train")
+    held = arith_rows(500, seed=0, max_operand=99, split="eval")
+    assert len(train) == 3000 and len(held) == 500
+    assert len({_key(r) for r in held}) == 500  # held-out rows are distinct
+    assert not ({_key(r) for r in train} & {_key(r) for r in held})
+    # a different seed draws different rows from the same split, still disjoint
+    train_b = arith_rows(3000, seed=1, max_operand=99, split="train")
+    assert train_b != train
+    assert not ({_key(r) for r in train_b} & {_key(r) for r in held})
+    assert arith_rows(3000, seed=0, max_operand=99, split="train") == train
+    assert arith_rows(500, seed=0, max_operand=99, split="eval") == held
+    for r in train[:50] + held[:50]:
+        a, b = (int(x) for x in r["question"].split("+"))
+        assert 0 <= a <= 99 and 0 <= b <= 99 and int(r["answer"]) == a + b
+
+
+def test_arith_bad_arguments():
+    with pytest.raises(ValueError):
+        arith_rows(10, seed=0, max_operand=99, split="test")
+    with pytest.raises(ValueError):  # only ~20% of 4 pairs are held out
+        arith_rows(100, seed=0, max_operand=1, split="eval")
+
+
+def test_worked_solutions_are_correct():
+    rows = arith_rows(100, seed=3, max_operand=99, split="train") + arith_rows(
+        100, seed=3, max_operand=999, split="eval", num_operands=3
+    )
+    for r in rows:
+        sol = worked_solution(r)
+        assert sol.startswith("<think>") and sol.endswith("</answer>")
+        assert extract_answer(sol) == r["answer"]
+        assert arith_reward(sol, r["answer"]) == 1.0
+        think = sol[len("<think>") : sol.index("</think>")]
+        # each column step is a true equation
+        for step in think.split(",")[:-1]:
+            lhs, rhs = step.split("=")
+            assert sum(int(t) for t in lhs.split("+")) == int(rhs)
+    assert worked_solution({"question": "67+48"}) == "<think>7+8=15,6+4+1=11,so 115</think><answer>115</answer>"
+    assert arith_reward("<think></think><answer>114</answer>", "115") == 0.0
+    assert arith_reward("115", "115") == 0.0
+    assert "{question}" in PROMPT_FORMAT
+
+
+def test_cold_start_carry_slip():
+    rows = arith_rows(400, seed=0, max_operand=99, split="train")
+    clean = cold_start_examples(rows)
+    assert all(arith_reward(c, r["answer"]) == 1.0 for (_, c), r in zip(clean, rows))
+    assert clean[0][0] == PROMPT_FORMAT.format(question=rows[0]["question"])
+    assert worked_solution({"question": "67+48"}, forget_carry=True) == (
+        "<think>7+8=15,6+4=10,so 105</think><answer>105</answer>"
+    )
+    assert worked_solution({"question": "12+34"}, forget_carry=True) == worked_solution({"question": "12+34"})
+    sloppy = cold_start_examples(rows, carry_slip=1.0)
+    for (_, c), r in zip(sloppy, rows):
+        a, b = (int(x) for x in r["question"].split("+"))
+        carries_into_tens = (a % 10 + b % 10 >= 10) and max(a, b) >= 10
+        assert arith_reward(c, r["answer"]) == (0.0 if carries_into_tens else 1.0), (r, c)
+    half = cold_start_examples(rows, carry_slip=0.5, seed=1)
+    assert half == cold_start_examples(rows, carry_slip=0.5, seed=1)
+    wrong = sum(arith_reward(c, r["answer"]) == 0.0 for (_, c), r in zip(half, rows))
+    assert 0 < wrong < sum(arith_reward(c, r["answer"]) == 0.0 for (_, c), r in zip(sloppy, rows))
+    mixed = cold_start_examples(rows, carry_slip=0.7, triples=0.3, seed=0)
+    assert len(mixed) == 400 + 120
+    triple_rows = [(p, c) for p, c in mixed if p.count("+") == 2]
+    assert len(triple_rows) == 120
+    for p, c in triple_rows:
+        q = p[len("Compute ") : p.index(".")]
+        assert arith_reward(c, str(sum(int(x) for x in q.split("+")))) == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from troupe.learner.tiny_model import build_tiny_model
+
+    torch.set_num_threads(1)
+    rows = arith_rows(500, seed=0, max_operand=99, split="train")
+    corpus = [PROMPT_FORMAT.format(question=r["question"]) + worked_solution(r) for r in rows]
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny")), corpus, hidden_size=64, num_heads=2,
+                            num_kv_heads=1, intermediate_size=128)
+
+
+def test_tiny_model_loads_with_transformers(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert tok.eos_token is not None and tok.eos_token_id is not None
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert model.config.eos_token_id == tok.eos_token_id
+    assert model.config.vocab_size >= len(tok)
+    ids = tok("12345+67890", add_special_tokens=False)["input_ids"]
+    assert [tok.decode([i]) for i in ids] == list("12345+67890")
+    for t in ("<think>", "</think>", "<answer>", "</answer>"):
+        tid = tok(t, add_special_tokens=False)["input_ids"]
+        assert len(tid) == 1, t
+    text = PROMPT_FORMAT.format(question="37+48") + worked_solution({"question": "37+48"})
+    enc = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(enc) == text
+    assert tok.decode(enc, skip_special_tokens=True) == text  # tags are normal tokens: vLLM keeps them
+    chat = tok.apply_chat_template([{"role": "user", "content": "37+48"}], tokenize=False, add_generation_prompt=True)
+    assert "37+48" in chat
+    assert os.path.exists(os.path.join(tiny_dir, "model.safetensors"))
+    assert os.path.exists(os.path.join(tiny_dir, "generation_config.json"))
+
+
+def test_sft_lowers_loss_and_saves(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from troupe.learner.sft import run_sft
+
+    rows = arith_rows(64, seed=1, max_operand=99, split="train")
+    examples = [(PROMPT_FORMAT.format(question=r["question"]), worked_solution(r)) for r in rows]
+    out = str(tmp_path / "sft")
+    res = run_sft(tiny_dir, examples, out, steps=30, batch_size=16, lr=3e-3, log=lambda s: None)
+    assert res["steps"] == 30 and res["seconds"] > 0
+    assert res["loss_last"] < res["loss_first"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.eos_token_id == model.config.eos_token_id
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
