@@ -26,9 +26,9 @@ def load_task(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
     """
     d = cfg.data
     if d.source == "arith":
-        train = arith.arith_rows(d.arith_num_train, cfg.seed, d.arith_max_operand, "train",
-                                 num_operands=d.arith_num_operands)
-        held = arith.arith_rows(d.num_eval, cfg.seed, d.arith_max_operand, "eval", num_operands=d.arith_num_operands)
+        kw = dict(num_operands=d.arith_num_operands, min_operand=d.arith_min_operand)
+        train = arith.arith_rows(d.arith_num_train, cfg.seed, d.arith_max_operand, "train", **kw)
+        held = arith.arith_rows(d.num_eval, cfg.seed, d.arith_max_operand, "eval", **kw)
         return train, held
     rows = load_rows(d.path, d.source, prompt_field=d.prompt_field, answer_field=d.answer_field,
                      max_rows=d.max_train_rows)
@@ -70,8 +70,8 @@ def prepare_model(cfg: RunConfig, run_dir: Path, train_rows: list[dict], log: Ca
         from troupe.learner.sft import run_sft
 
         s = cfg.sft
-        ex_rows = train_rows[:s.num_examples]
-        examples = [(fmt(r["question"]), arith.worked_solution(r)) for r in ex_rows]
+        examples = [(fmt(q), sol) for q, sol in arith.cold_start_examples(
+            train_rows[:s.num_examples], prompt_format="{question}", carry_slip=s.carry_slip, triples=s.triples, seed=cfg.seed)]
         out = str(run_dir / "checkpoints" / "sft")
         res = run_sft(path, examples, out, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=cfg.seed, log=log)
         info["sft"] = res

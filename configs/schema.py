@@ -70,7 +70,8 @@ class DataConfig(_Strict):
     max_prompt_tokens: int = Field(256, ge=8, le=32768, description="Longer prompts are dropped at load (counted).")
     num_eval: int = Field(256, ge=0, le=100000, description="Held-out prompts for the final greedy evaluation.")
     max_train_rows: Optional[int] = Field(None, ge=1, description="Read at most this many training rows.")
-    arith_max_operand: int = Field(99, ge=1, le=10**6, description="'arith' only: operands drawn from [0, this].")
+    arith_max_operand: int = Field(99, ge=1, le=10**6, description="'arith' only: largest operand.")
+    arith_min_operand: int = Field(0, ge=0, le=10**6, description="'arith' only: smallest operand.")
     arith_num_train: int = Field(20000, ge=16, description="'arith' only: training prompts generated.")
     arith_num_operands: int = Field(2, ge=2, le=8, description="'arith' only: operands per question.")
 
@@ -170,6 +171,7 @@ class LearnerConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up over this many optimizer steps.")
     micro_batch_size: int = Field(16, ge=1, le=65536, description="Sequences per forward/backward per rank.")
     num_cpus_per_rank: float = Field(0.5, ge=0.0, description="Ray CPUs per learner rank.")
     num_gpus_per_rank: float = Field(0.0, ge=0.0, description="Ray GPUs per learner rank (1 on GPU clusters).")
@@ -193,6 +195,11 @@ class SFTConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="Sequences per step (all ranks).")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="SFT learning rate.")
     num_examples: int = Field(2000, ge=1, description="Worked solutions to train on.")
+    carry_slip: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="'arith': share of cold-start solutions written by a sloppy student who drops carries "
+        "(imperfect cold-start data whose systematic error RL has to remove).")
+    triples: float = Field(0.0, ge=0.0, le=10.0, description="'arith': extra correct three-term digit sums, as a share of num_examples.")
 
 
 class RunConfig(_Strict):
@@ -239,6 +246,8 @@ class RunConfig(_Strict):
             raise ValueError("device 'cpu' cannot ask for GPUs (rollout.num_gpus_per_engine, learner.num_gpus_per_rank)")
         if self.sft.enabled and self.data.source != "arith":
             raise ValueError("sft.enabled: cold-start SFT data (worked solutions) is built in for data.source 'arith' only")
+        if self.data.arith_min_operand > self.data.arith_max_operand:
+            raise ValueError("data.arith_min_operand must not exceed data.arith_max_operand")
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
         return self

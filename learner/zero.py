@@ -26,7 +26,7 @@ from troupe.learner.batch import TrainBatch, response_logprobs
 
 
 def _ds_config(*, zero_stage: int, micro: int, gas: int, world: int, lr: float, weight_decay: float,
-               betas: tuple[float, float], grad_clip: float, dtype: str) -> dict:
+               betas: tuple[float, float], grad_clip: float, dtype: str, warmup_steps: int = 0) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
@@ -37,6 +37,9 @@ def _ds_config(*, zero_stage: int, micro: int, gas: int, world: int, lr: float, 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if warmup_steps:
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                                                           "warmup_num_steps": warmup_steps, "warmup_type": "linear"}}
     if dtype == "bfloat16":
         cfg["bf16"] = {"enabled": True}
     elif dtype == "float16":
@@ -81,7 +84,8 @@ class LearnerRank:
         self.gas = max(1, math.ceil(mini_batch_rows / self.micro))
         ds_cfg = _ds_config(zero_stage=self.lc["zero_stage"], micro=self.micro, gas=self.gas, world=world_size,
                             lr=self.lc["lr"], weight_decay=self.lc["weight_decay"], betas=tuple(self.lc["betas"]),
-                            grad_clip=self.lc["grad_clip"], dtype=cfg["model"]["dtype"])
+                            grad_clip=self.lc["grad_clip"], dtype=cfg["model"]["dtype"],
+                            warmup_steps=self.lc["warmup_steps"])
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
         self.ref = None
         if self.algo["kl_coef"] > 0:
