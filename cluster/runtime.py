@@ -83,8 +83,12 @@ def start_actors(cfg: RunConfig, model_path: str) -> Actors:
     def strat(i: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
 
+    # vLLM logs a benign per-reload warning for every weight-less module (rotary embedding): keep
+    # engine logs at ERROR unless the user set VLLM_LOGGING_LEVEL
+    log_env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
     cpu_env = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(ro.kv_cache_gib)))),
-                            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(lc.torch_threads)}} if not gpu else {}
+                            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(lc.torch_threads), **log_env}} \
+        if not gpu else {"env_vars": log_env}
     Engine = ray.remote(RolloutEngine)
     engines = [
         Engine.options(num_cpus=bundles[i].get("CPU", 0), num_gpus=bundles[i].get("GPU", 0), scheduling_strategy=strat(i),

@@ -14,6 +14,7 @@ The maths is in ``troupe.learner.grpo``; the actors in ``troupe.cluster.runtime`
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -107,9 +108,17 @@ def check_sync(actors: Actors, token_ids: list[int], start: int) -> float:
     return max(max(abs(x - y) for x, y in zip(learner_lp, lp)) for lp in engine_lps)
 
 
-def evaluate(dispatcher: RolloutDispatcher, prompts: list[Prompt], cfg: RunConfig) -> dict:
-    """Greedy (temperature 0) accuracy and reward on held-out prompts through the engines."""
+def evaluate(dispatcher: RolloutDispatcher, prompts: list[Prompt], cfg: RunConfig, dump: Path | None = None) -> dict:
+    """Greedy (temperature 0) accuracy and reward on held-out prompts through the engines.
+
+    With ``dump``, every prompt's completion and scores are written there as JSONL.
+    """
     groups, t = dispatcher.run(prompts, n=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0)
+    if dump is not None:
+        with open(dump, "w") as f:
+            for g in groups:
+                f.write(json.dumps({"question": g.prompt.question, "answer": g.prompt.answer, "completion": g.samples[0].text,
+                                    "reward": g.rewards[0], "parts": {k: v[0] for k, v in g.reward_parts.items()}}) + "\n")
     return {**rollout_metrics(groups, prefix="eval/"), "eval/seconds": t["generate"] + t["reward"]}
 
 
@@ -119,7 +128,7 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, prompts: list[Prompt], 
     dispatcher = RolloutDispatcher(actors.engines, actors.rewards)
     sync = WeightSync(actors.learners, actors.engines, cfg.sync.strategy, actors.single_node())
     writer = MetricsWriter(run_dir)
-    first = evaluate(dispatcher, eval_prompts, cfg)
+    first = evaluate(dispatcher, eval_prompts, cfg, run_dir / "eval_start.jsonl")
     writer.write({"step": 0, **first})
     say(f"start: held-out greedy accuracy {first.get('eval/accuracy', float('nan')):.3f} on {len(eval_prompts)} prompts")
     version, record = 0, {}
@@ -152,7 +161,7 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, prompts: list[Prompt], 
         writer.write(record)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record.get('accuracy', float('nan')):.3f}",
                         kl=f"{record.get('kl_ref', 0.0):.4f}", v=version)
-    final = evaluate(dispatcher, eval_prompts, cfg)
+    final = evaluate(dispatcher, eval_prompts, cfg, run_dir / "eval_final.jsonl")
     writer.write({"step": cfg.steps, "final": True, **final})
     ckpt = str(run_dir / "checkpoints" / "final")
     ray.get([lr.save_hf.remote(ckpt, str(run_dir / "tokenizer")) for lr in actors.learners])
