@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from troupe.configs.schema import RunConfig
@@ -40,6 +40,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _bundle_ip(pg, index: int) -> str:
+    """IP address of the node that holds bundle ``index`` (learner rank 0: the rendezvous)."""
+    node_id = placement_group_table(pg)["bundles_to_node_id"][index]
+    for n in ray.nodes():
+        if n["NodeID"] == node_id:
+            return n["NodeManagerAddress"]
+    return "127.0.0.1"
 
 
 @dataclass
@@ -99,7 +108,7 @@ def start_actors(cfg: RunConfig, model_path: str) -> Actors:
         for i in range(ro.num_engines)
     ]
     Learner = ray.remote(LearnerRank)
-    master_addr, master_port = "127.0.0.1" if not gpu else ray.util.get_node_ip_address(), _free_port()
+    master_addr, master_port = _bundle_ip(pg, ro.num_engines), _free_port()
     per_rank = cfg.batch_size // lc.num_ranks
     learners = [
         Learner.options(num_cpus=bundles[ro.num_engines + r].get("CPU", 0), num_gpus=bundles[ro.num_engines + r].get("GPU", 0),
