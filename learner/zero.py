@@ -26,7 +26,7 @@ from troupe.learner.batch import TrainBatch, response_logprobs
 
 
 def _ds_config(*, zero_stage: int, micro: int, gas: int, world: int, lr: float, weight_decay: float,
-               betas: tuple[float, float], grad_clip: float, dtype: str, warmup_steps: int = 0) -> dict:
+               betas: tuple[float, float], grad_clip: float, dtype: str) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
@@ -37,9 +37,6 @@ def _ds_config(*, zero_stage: int, micro: int, gas: int, world: int, lr: float, 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if warmup_steps:
-        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
-                                                           "warmup_num_steps": warmup_steps, "warmup_type": "linear"}}
     if dtype == "bfloat16":
         cfg["bf16"] = {"enabled": True}
     elif dtype == "float16":
@@ -84,14 +81,14 @@ class LearnerRank:
         self.gas = max(1, math.ceil(mini_batch_rows / self.micro))
         ds_cfg = _ds_config(zero_stage=self.lc["zero_stage"], micro=self.micro, gas=self.gas, world=world_size,
                             lr=self.lc["lr"], weight_decay=self.lc["weight_decay"], betas=tuple(self.lc["betas"]),
-                            grad_clip=self.lc["grad_clip"], dtype=cfg["model"]["dtype"],
-                            warmup_steps=self.lc["warmup_steps"])
+                            grad_clip=self.lc["grad_clip"], dtype=cfg["model"]["dtype"])
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
         self.ref = None
         if self.algo["kl_coef"] > 0:
             self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.engine.device)
             self.ref.eval().requires_grad_(False)
         self.temperature = self.rollout["temperature"]
+        self.optimizer_steps = 0
         self.model_config = model.config
 
     def ready(self) -> dict:
@@ -168,6 +165,7 @@ class LearnerRank:
         for _epoch in range(self.algo["ppo_epochs"]):
             for m in range(n_mini):
                 mb = shard.select(slice(m * rows, (m + 1) * rows))
+                self._set_lr()
                 for i in range(0, mb.size, self.micro):
                     met = self._micro_step(mb.select(slice(i, i + self.micro)), mini_denoms[m])
                     for k, v in met.items():
@@ -175,16 +173,29 @@ class LearnerRank:
                     count += 1
                 gn = self.engine.get_global_grad_norm()
                 grad_norm = float(gn) if gn is not None else float("nan")
+                self.optimizer_steps += 1
         out = {k: v / max(count, 1) for k, v in sums.items()}
         # each micro-batch loss is its share of the mini-batch loss: report the mini-batch loss
         out["loss"] = sums.get("loss", 0.0) / max(self.algo["ppo_epochs"] * n_mini, 1)
         out["grad_norm"] = grad_norm
+        out["lr"] = self.engine.optimizer.param_groups[0]["lr"]
         mask = shard.response_mask
         diff = (shard.old_logprobs - shard.sampling_logprobs).abs() * mask
         out["logprob_mismatch"] = float(diff.sum() / mask.sum().clamp(min=1))
         out["learn_seconds"] = time.time() - t0
         self._shard = None
         return out
+
+    def _set_lr(self) -> None:
+        """Linear warm-up: optimizer step k (0-based) uses lr * min(1, (k + 1) / warmup_steps).
+
+        Done here rather than with DeepSpeed's WarmupLR, whose schedule steps after the optimizer
+        and so runs the first two optimizer steps at lr = 0 when warming up from 0.
+        """
+        w = self.lc["warmup_steps"]
+        lr = self.lc["lr"] * (min(1.0, (self.optimizer_steps + 1) / w) if w else 1.0)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
 
     def _micro_step(self, micro: TrainBatch, denoms: dict) -> dict:
         lp, ent = self._forward_logprobs(self.engine.module, micro, with_entropy=True)
