@@ -1,6 +1,6 @@
 """The ``troupe`` command line.
 
-    troupe train CONFIG.yaml [key.sub=value ...] [--address RAY_ADDRESS]
+    troupe train CONFIG.yaml [key.sub=value ...] [--address RAY_ADDRESS] [--dashboard]
     troupe check CONFIG.yaml [key.sub=value ...]      validate config and data, start nothing
     troupe score INPUT.jsonl ...                       score completions offline (see --help)
 
@@ -30,6 +30,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.kl_coef=0.0")
         if name == "train":
             sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or an embedded local cluster)")
+            sp.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the embedded local cluster")
     sub.add_parser("score", help="score a JSONL of completions with reward functions", add_help=False)
     return p.parse_args(argv)
 
@@ -60,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "check":
         print(f"{args.config}: ok ({len(train_rows)} training rows, {len(eval_rows)} held-out rows)")
         return 0
-    return run_train(cfg, train_rows, eval_rows, args.address)
+    return run_train(cfg, train_rows, eval_rows, args.address, args.dashboard)
 
 
-def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], address: str | None) -> int:
+def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], address: str | None,
+              dashboard: bool = False) -> int:
     """Build/SFT the model, start the actors, train, evaluate, save. Returns the exit status."""
     from troupe.cluster.metrics import make_run_dir
 
@@ -97,7 +99,7 @@ def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], add
         say(f"no training prompt fits data.max_prompt_tokens = {d.max_prompt_tokens}")
         return 2
     say(f"{len(prompts)} training prompts ({dropped} dropped as longer than {d.max_prompt_tokens} tokens), {len(eval_prompts)} held-out")
-    init_ray(cfg, address)
+    init_ray(cfg, address, dashboard)
     t1 = time.time()
     actors = start_actors(cfg, model_path)
     timings["actor_start_seconds"] = time.time() - t1

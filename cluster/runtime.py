@@ -21,8 +21,11 @@ from troupe.reward.pool import RewardPool
 from troupe.rollout.engine import RolloutEngine
 
 
-def init_ray(cfg: RunConfig, address: str | None) -> None:
-    """Connect to ``address`` / RAY_ADDRESS, or start an embedded local cluster sized for the run."""
+def init_ray(cfg: RunConfig, address: str | None, dashboard: bool = False) -> None:
+    """Connect to ``address`` / RAY_ADDRESS, or start an embedded local cluster sized for the run.
+
+    ``dashboard`` starts the Ray dashboard (http://127.0.0.1:8265) with the local cluster.
+    """
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return
@@ -33,7 +36,7 @@ def init_ray(cfg: RunConfig, address: str | None) -> None:
     need = cfg.rollout.num_engines * cfg.rollout.num_cpus_per_engine + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank \
         + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), runtime_env=env,
-             include_dashboard=os.environ.get("TROUPE_DASHBOARD", "0") == "1", log_to_driver=True)
+             include_dashboard=dashboard, log_to_driver=True)
 
 
 def _free_port() -> int:

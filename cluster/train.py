@@ -82,7 +82,7 @@ def learn(actors: Actors, batch: TrainBatch, cfg: RunConfig) -> dict:
     shards = [batch.select(slice(r * rows, (r + 1) * rows)) for r in range(R)]
     prep = ray.get([lr.prepare.remote(s) for lr, s in zip(actors.learners, shards)])
     rewards = batch.rewards.clone()
-    lengths = batch.response_mask.new_tensor([float(s.response_mask[i].sum()) for s in shards for i in range(s.size)])
+    lengths = batch.attention_mask[:, batch.prompt_len:].sum(1).float()  # [B] response tokens, masked or not
     if a.overlong_buffer:
         rewards = rewards + grpo.overlong_penalty(lengths, cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
     if a.kl_coef > 0 and a.kl_in == "reward":
@@ -94,8 +94,8 @@ def learn(actors: Actors, batch: TrainBatch, cfg: RunConfig) -> dict:
     out = mean_dicts(ray.get([lr.update.remote(adv[r * rows:(r + 1) * rows], denoms) for r, lr in enumerate(actors.learners)]))
     valid = batch.response_mask.sum(1) > 0
     seq_adv = adv.sum(1) / batch.response_mask.sum(1).clamp(min=1)
-    out.update({f"adv/{k}": v for k, v in {"mean": float(seq_adv[valid].mean()), "std": float(seq_adv[valid].std())}.items()}
-               if valid.sum() > 1 else {})
+    if valid.sum() > 1:
+        out["adv/mean"], out["adv/std"] = float(seq_adv[valid].mean()), float(seq_adv[valid].std())
     out.update(grpo.group_stats(rewards, cfg.rollout.group_size))
     return out
 
