@@ -64,6 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     return run_train(cfg, train_rows, eval_rows, args.address, args.dashboard)
 
 
+def _run_logger(run_dir: Path) -> logging.Logger:
+    """The "troupe" logger writing to stdout and run_dir/log.txt (handlers replaced for every run)."""
+    logger = logging.getLogger("troupe")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(name)s %(message)s")
+    for h in (logging.FileHandler(run_dir / "log.txt"), logging.StreamHandler(sys.stdout)):
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
 def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], address: str | None,
               dashboard: bool = False) -> int:
     """Build/SFT the model, start the actors, train, evaluate, save. Returns the exit status."""
@@ -72,10 +87,7 @@ def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], add
     t0 = time.time()
     run_dir = make_run_dir(cfg.output_dir, cfg.name)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        handlers=[logging.FileHandler(run_dir / "log.txt"), logging.StreamHandler(sys.stdout)])
-    logger = logging.getLogger("troupe")
-    say = logger.info
+    say = _run_logger(run_dir).info
     say(f"run directory {run_dir}")
 
     import ray
