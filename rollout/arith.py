@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
-from typing import Optional
 
 PROMPT_FORMAT = "Compute {question}. Think in <think></think>, answer in <answer></answer>.\n"
 """Raw prompt template (data.template 'raw'); the response starts with ``<think>``."""
@@ -173,21 +171,3 @@ def cold_start_examples(
         out += [(prompt_format.format(question=r["question"]), worked_solution(r)) for r in extra]
         rng.shuffle(out)
     return out
-
-
-_ANSWER_RE = re.compile(r"<answer>\s*(-?\d+)\s*</answer>")
-
-
-def extract_answer(response: str) -> Optional[str]:
-    """The integer inside the first ``<answer>...</answer>`` of a response, or None."""
-    m = _ANSWER_RE.search(response)
-    return m.group(1) if m else None
-
-
-def arith_reward(response: str, answer: str) -> float:
-    """1.0 if the tagged answer equals the reference integer exactly, else 0.0."""
-    got = extract_answer(response)
-    try:
-        return 1.0 if got is not None and int(got) == int(answer) else 0.0
-    except ValueError:
-        return 0.0

@@ -6,12 +6,12 @@ import os
 
 import pytest
 
+from troupe.reward.verifiers import accuracy_reward as arith_reward
+from troupe.reward.verifiers import extract_answer
 from troupe.rollout.arith import (
     PROMPT_FORMAT,
-    arith_reward,
     arith_rows,
     cold_start_examples,
-    extract_answer,
     worked_solution,
 )
 
