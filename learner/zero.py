@@ -89,7 +89,6 @@ class LearnerRank:
             self.ref.eval().requires_grad_(False)
         self.temperature = self.rollout["temperature"]
         self.optimizer_steps = 0
-        self.model_config = model.config
 
     def ready(self) -> dict:
         """Rank facts: rank, world size, parameter count, ZeRO stage."""
@@ -260,8 +259,3 @@ class LearnerRank:
         self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
         return out_dir
-
-    def parameter_checksum(self) -> float:
-        """Sum of |w| over all parameters (gathered under ZeRO-3); tests use it to see the policy move."""
-        state = self.full_state_dict()
-        return float(sum(t.double().abs().sum() for t in state.values())) if state is not None else float("nan")

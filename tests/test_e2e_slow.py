@@ -44,13 +44,16 @@ def _run(tmp_path: Path, name: str, extra: list[str], config: str = "configs/ari
 @pytest.mark.parametrize("stage", [2, 3])
 def test_arith_grpo_two_ranks(tmp_path, stage):
     """1 engine, 1 reward worker, 2 learner ranks under ZeRO-`stage`: the policy moves, engines follow."""
-    run_dir, summary = _run(tmp_path, f"zero{stage}", TINY + [REWARDS, "steps=3", f"learner.zero_stage={stage}", "algo.kl_coef=0.01"])
+    run_dir, summary = _run(tmp_path, f"zero{stage}", TINY + [REWARDS, "steps=3", f"learner.zero_stage={stage}", "algo.kl_coef=0.01",
+                                                            # ZeRO-2 syncs through /dev/shm, ZeRO-3 through the object store
+                                                            f"sync.strategy={'shm' if stage == 2 else 'object_store'}"])
     recs = _records(run_dir)
     steps = [r for r in recs if r.get("step", 0) >= 1 and not r.get("final")]
     assert [r["step"] for r in steps] == [1, 2, 3]
     # the engines received every new version
     assert [r["policy_version"] for r in steps] == [1, 2, 3]
     assert summary["policy_version"] == 3
+    assert all(r["sync_strategy"] == ("shm" if stage == 2 else "object_store") for r in steps)
     # the policy changed: the learner's update was non-zero and moved what the engines sample
     assert all(r["grad_norm"] > 0 for r in steps)
     assert any(abs(r["approx_kl_old"]) > 0 or r["kl_ref"] > 0 for r in steps[1:])
