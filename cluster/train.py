@@ -43,12 +43,15 @@ SYNC_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 def collect_groups(dispatcher: RolloutDispatcher, stream: Iterator[Prompt], cfg: RunConfig) -> tuple[list[Group], dict]:
     """One step's scored groups; with dynamic sampling (DAPO) zero-variance groups are replaced."""
     ro, need = cfg.rollout, cfg.rollout.prompts_per_step
-    sample = dict(n=ro.group_size, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p)
+    sample = dict(n=ro.group_size, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
+                  step_delimiter=cfg.reward.step_delimiter if cfg.algo.advantage == "process" else None)
     groups, timing = dispatcher.run([next(stream) for _ in range(need)], **sample)
     info = {"time/generate": timing["generate"], "time/reward": timing["reward"]}
     if not cfg.algo.dynamic_sampling:
         return groups, info
     def informative(g: Group) -> bool:
+        if cfg.algo.advantage == "process":
+            return grpo.process_group_informative(g.step_rewards)
         return bool(grpo.dynamic_sampling_keep(_rewards(g), ro.group_size)[0])
     kept, dropped, rounds = [g for g in groups if informative(g)], [g for g in groups if not informative(g)], 0
     while len(kept) < need and rounds < cfg.algo.max_refill_rounds:
@@ -77,26 +80,39 @@ def minibatch_denoms(batch: TrainBatch, num_ranks: int, mini_batches: int) -> li
 
 def learn(actors: Actors, batch: TrainBatch, cfg: RunConfig) -> dict:
     """Advantages and the learner update for one batch; returns learner + advantage metrics."""
-    a, R = cfg.algo, cfg.learner.num_ranks
+    a, R, G = cfg.algo, cfg.learner.num_ranks, cfg.rollout.group_size
     rows = batch.size // R
-    shards = [batch.select(slice(r * rows, (r + 1) * rows)) for r in range(R)]
+    tensors_only = batch.with_(step_rewards=None, step_ends=None)
+    shards = [tensors_only.select(slice(r * rows, (r + 1) * rows)) for r in range(R)]
     prep = ray.get([lr.prepare.remote(s) for lr, s in zip(actors.learners, shards)])
-    rewards = batch.rewards.clone()
+    shaping = torch.zeros(batch.size)  # [B] per-sequence reward terms: overlong penalty, KL in the reward
     lengths = batch.attention_mask[:, batch.prompt_len:].sum(1).float()  # [B] response tokens, masked or not
     if a.overlong_buffer:
-        rewards = rewards + grpo.overlong_penalty(lengths, cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
+        shaping = shaping + grpo.overlong_penalty(lengths, cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
     if a.kl_coef > 0 and a.kl_in == "reward":
         old = torch.cat([p["old_logprobs"] for p in prep])
         ref = torch.cat([p["ref_logprobs"] for p in prep])
-        rewards = grpo.reward_kl_penalty(rewards, old, ref, batch.response_mask, a.kl_coef, a.kl_estimator)
-    adv = grpo.compute_advantages(a.advantage, rewards, cfg.rollout.group_size, batch.response_mask, std=a.std, eps=a.adv_eps)
+        shaping = grpo.reward_kl_penalty(shaping, old, ref, batch.response_mask, a.kl_coef, a.kl_estimator)
+    rewards = batch.rewards + shaping
+    if a.advantage == "process":
+        if batch.step_rewards is None:
+            raise RuntimeError("algo.advantage 'process' but the scored groups carry no step rewards "
+                               "(no reward function of kind 'process' ran)")
+        step_rewards = grpo.add_to_last_step(batch.step_rewards, shaping)
+        adv = grpo.process_advantages(step_rewards, batch.step_ends, G, batch.response_len, std=a.std, eps=a.adv_eps)
+        adv = adv * batch.response_mask
+    else:
+        adv = grpo.compute_advantages(a.advantage, rewards, G, batch.response_mask, std=a.std, eps=a.adv_eps)
     denoms = minibatch_denoms(batch, R, a.mini_batches)
     out = mean_dicts(ray.get([lr.update.remote(adv[r * rows:(r + 1) * rows], denoms) for r, lr in enumerate(actors.learners)]))
     valid = batch.response_mask.sum(1) > 0
     seq_adv = adv.sum(1) / batch.response_mask.sum(1).clamp(min=1)
     if valid.sum() > 1:
         out["adv/mean"], out["adv/std"] = float(seq_adv[valid].mean()), float(seq_adv[valid].std())
-    out.update(grpo.group_stats(rewards, cfg.rollout.group_size))
+    out.update(grpo.group_stats(rewards, G))
+    if a.advantage == "process":  # zero variance means: no step reward differs within the group
+        flat = [batch.step_rewards[k:k + G] for k in range(0, batch.size, G)]
+        out["zero_variance_frac"] = sum(not grpo.process_group_informative(g) for g in flat) / len(flat)
     return out
 
 

@@ -108,10 +108,16 @@ class RewardFunctionConfig(_Strict):
     """One reward function with its weight."""
 
     name: RewardName = Field(
-        description="Built-in name (accuracy, format, gsm8k, math, language) or 'module:function' "
+        description="Built-in name (accuracy, format, gsm8k, math, language; arith_steps is kind process) or 'module:function' "
         "or '/path/file.py:function'."
     )
     weight: float = Field(1.0, ge=-1000, le=1000, description="Weight in the combined reward.")
+    kind: Literal["outcome", "process"] = Field(
+        "outcome",
+        description="'outcome': one score per completion; 'process': one score per reasoning step "
+        "(completion cut at reward.step_delimiter; the function also gets steps=[[str]]), for "
+        "algo.advantage 'process' (DeepSeekMath 4.1.3).",
+    )
 
 
 class RewardConfig(_Strict):
@@ -128,13 +134,20 @@ class RewardConfig(_Strict):
     on_failure: Literal["zero", "exclude"] = Field(
         "zero", description="A failed score (exception, timeout, NaN, wrong type) counts as 0 or is excluded."
     )
+    step_delimiter: str = Field(
+        "\n", min_length=1,
+        description="Process supervision: completions are cut into reasoning steps here (TRL PRMTrainer's "
+        "step_separator; the arithmetic demo uses ',').",
+    )
 
 
 class AlgoConfig(_Strict):
     """The RL algorithm: advantage estimator, KL, policy loss, aggregation (learner/grpo.py)."""
 
-    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"] = Field(
-        "grpo", description="Advantage estimator (learner/grpo.py ADVANTAGE_ESTIMATORS)."
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "process"] = Field(
+        "grpo",
+        description="Advantage estimator (learner/grpo.py ADVANTAGE_ESTIMATORS); 'process' is DeepSeekMath "
+        "4.1.3 process supervision and needs a reward function of kind 'process'.",
     )
     std: Literal["unbiased", "population"] = Field(
         "unbiased", description="Group std: 'unbiased' (N-1, veRL/TRL) or 'population' (N)."
@@ -248,6 +261,14 @@ class RunConfig(_Strict):
             raise ValueError("sft.enabled: cold-start SFT data (worked solutions) is built in for data.source 'arith' only")
         if self.data.arith_min_operand > self.data.arith_max_operand:
             raise ValueError("data.arith_min_operand must not exceed data.arith_max_operand")
+        has_process = any(f.kind == "process" for f in self.reward.functions)
+        if self.algo.advantage == "process" and not has_process:
+            raise ValueError("algo.advantage 'process' needs a reward function with kind: process in reward.functions")
+        if has_process and self.algo.advantage != "process":
+            raise ValueError(
+                f"reward.functions has a function of kind 'process' but algo.advantage is {self.algo.advantage!r}: "
+                "per-step rewards are only used by algo.advantage 'process'"
+            )
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
         return self

@@ -318,8 +318,8 @@ def process_advantages(
                 if not math.isnan(r):
                     group_vals.append(r)
         n = len(group_vals)
-        if n < 2 or max(group_vals) == min(group_vals):
-            continue  # degenerate group: all-zero advantages
+        if not process_group_informative([group_vals]):
+            continue  # degenerate group (< 2 valid step rewards, or all equal): all-zero advantages
         mean = math.fsum(group_vals) / n
         sd = math.sqrt(math.fsum((v - mean) ** 2 for v in group_vals) / (n - ddof))
         for i in members:
@@ -338,6 +338,39 @@ def process_advantages(
         )
     # A_{i,t} = sum_{s >= t} out[i, s]: reverse cumulative sum over the token axis.
     return out.flip(-1).cumsum(-1).flip(-1).to(torch.float32)
+
+
+def add_to_last_step(step_rewards: list[list[float]], bonus: Tensor) -> list[list[float]]:
+    """Outcome-level shaping for process supervision: ``bonus[i]`` is added to sample i's last step.
+
+    Used for terms that are per sequence (DAPO overlong penalty, KL in the reward) when
+    advantages come from step rewards, so they reach every token of the sample as they would
+    with an outcome reward. A sample with no steps is left as it is.
+
+    Args:
+        step_rewards: B lists of step rewards.
+        bonus: [B] float (NaN leaves the last step NaN).
+    Returns:
+        New B lists (the input is not modified).
+    Raises:
+        ValueError: len(step_rewards) != B.
+    """
+    if bonus.dim() != 1 or bonus.shape[0] != len(step_rewards):
+        raise ValueError(f"bonus must be [B={len(step_rewards)}], got {tuple(bonus.shape)}")
+    return [rs[:-1] + [rs[-1] + float(x)] if rs else [] for rs, x in zip(step_rewards, bonus.tolist())]
+
+
+def process_group_informative(step_rewards: list[list[float] | None]) -> bool:
+    """Whether a group's step rewards give a non-zero process advantage (DAPO dynamic sampling).
+
+    Args:
+        step_rewards: the G samples' step rewards (None or [] = no steps; NaN steps ignored).
+    Returns:
+        True iff at least 2 valid step rewards exist and they are not all equal (the same test
+        ``process_advantages`` uses to zero a degenerate group).
+    """
+    vals = [float(r) for rs in step_rewards if rs for r in rs if not math.isnan(float(r))]
+    return len(vals) >= 2 and max(vals) > min(vals)
 
 
 # ---------------------------------------------------------------------------------------------

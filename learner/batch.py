@@ -35,6 +35,11 @@ class TrainBatch:
         old_logprobs: [B, T] float, learner log-probs before the first update of this batch.
         ref_logprobs: [B, T] float or None, reference-model log-probs (None when kl_coef = 0).
         prompt_len: P, the padded prompt width.
+        step_rewards: process supervision only (else None): B lists, step_rewards[i][j] = reward
+            of reasoning step j of sample i (NaN = unscored step); [] for an excluded or empty
+            sample.
+        step_ends: process supervision only: B lists of the same lengths, step_ends[i][j] in
+            [0, T) = index of the last response token of step j, non-decreasing.
     """
 
     input_ids: torch.Tensor
@@ -47,6 +52,8 @@ class TrainBatch:
     advantages: Optional[torch.Tensor] = None
     old_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
+    step_rewards: Optional[list[list[float]]] = None
+    step_ends: Optional[list[list[int]]] = None
 
     @property
     def size(self) -> int:
@@ -63,7 +70,11 @@ class TrainBatch:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v[rows] if isinstance(v, torch.Tensor) else v
+            if isinstance(v, torch.Tensor):
+                v = v[rows]
+            elif isinstance(v, list):
+                v = v[rows] if isinstance(rows, slice) else [v[i] for i in torch.arange(len(v))[rows].tolist()]
+            out[f.name] = v
         return TrainBatch(**out)
 
     def with_(self, **kw) -> "TrainBatch":
@@ -76,11 +87,15 @@ def collate_groups(groups: list[Group], pad_id: int, *, mask_truncated: bool = F
 
     Args:
         groups: scored groups; ``group.rewards[i]`` None means excluded (mask 0, reward NaN).
+            When the groups carry ``step_rewards`` (process supervision), the batch gets
+            ``step_rewards``/``step_ends`` from them and ``sample.step_ends``.
         pad_id: token id used for padding (never attended to).
-        mask_truncated: exclude truncated responses from the loss (DAPO overlong filtering).
+        mask_truncated: exclude truncated responses from the loss (DAPO overlong filtering);
+            their rewards still count in their group's statistics.
 
     Raises:
-        ValueError: if groups is empty or a sample has mismatched ids/logprobs lengths.
+        ValueError: if groups is empty, a sample has mismatched ids/logprobs lengths, or a
+            sample's step rewards do not match its step ends (process supervision).
     """
     if not groups:
         raise ValueError("collate_groups: no groups")
@@ -109,7 +124,33 @@ def collate_groups(groups: list[Group], pad_id: int, *, mask_truncated: bool = F
             rewards[b] = float(r)
             if not (mask_truncated and s.truncated):
                 resp_mask[b, :n] = 1.0
-    return TrainBatch(input_ids, attn, resp_mask, samp_lp, rewards, truncated, prompt_len=P)
+    batch = TrainBatch(input_ids, attn, resp_mask, samp_lp, rewards, truncated, prompt_len=P)
+    if any(g.step_rewards for g in groups):
+        batch.step_rewards, batch.step_ends = _collate_steps(groups)
+    return batch
+
+
+def _collate_steps(groups: list[Group]) -> tuple[list[list[float]], list[list[int]]]:
+    """Per-sample step rewards and step-end token indices, in batch row order."""
+    step_rewards: list[list[float]] = []
+    step_ends: list[list[int]] = []
+    b = 0
+    for g in groups:
+        for i, s in enumerate(g.samples):
+            sr = g.step_rewards[i] if i < len(g.step_rewards) else None
+            if sr is None or not s.response_ids:
+                step_rewards.append([])
+                step_ends.append([])
+            elif len(sr) != len(s.step_ends):
+                raise ValueError(
+                    f"collate_groups: sample {b} has {len(sr)} step rewards but {len(s.step_ends)} step ends "
+                    "(engines and reward workers must cut steps with the same reward.step_delimiter)"
+                )
+            else:
+                step_rewards.append([float(x) for x in sr])
+                step_ends.append(list(s.step_ends))
+            b += 1
+    return step_rewards, step_ends
 
 
 def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: int, temperature: float = 1.0) -> torch.Tensor:

@@ -23,9 +23,14 @@ Advantages (outcome rewards), ``compute_advantages`` / ``ADVANTAGE_ESTIMATORS``
     than 2 valid rewards, or whose valid rewards are all equal, gets exactly 0 (grpo, dr_grpo,
     rloo) -- then the policy-gradient loss and gradient are 0 (see ``ZERO_VARIANCE_MESSAGE``).
     Statistics are computed in float64; the [B] advantage is broadcast to [B, T] * response_mask.
-    Process supervision, ``process_advantages`` (DeepSeekMath 4.1.3): all step rewards of a group
-    are normalised together (same std/eps choices); token t gets the sum of the normalised rewards
-    of the steps ending at or after t.
+    Process supervision, ``process_advantages`` (DeepSeekMath 4.1.3; algo.advantage "process"):
+    all step rewards of a group are normalised together (same std/eps choices); token t gets the
+    sum of the normalised rewards of the steps ending at or after t. Steps are the completion cut
+    at reward.step_delimiter (``troupe.rollout.steps``); a step ends on the token that completes
+    its delimiter and the last step on the last response token, so every token gets credit.
+    Outcome terms (outcome reward functions, DAPO overlong penalty, KL in the reward) are added
+    to the last step's reward (``add_to_last_step``). Dynamic sampling keeps groups whose step
+    rewards are not all equal (``process_group_informative``).
 
 Importance ratio
     Log-ratio logp - old_logp is clamped to [-20, 20] before exp (no inf/NaN, finite gradients;
@@ -79,8 +84,10 @@ from .advantages import (
     dynamic_sampling_keep,
     group_stats,
     grpo_advantages,
+    add_to_last_step,
     overlong_penalty,
     process_advantages,
+    process_group_informative,
     reinforce_pp_baseline_advantages,
     rloo_advantages,
 )
@@ -105,6 +112,7 @@ __all__ = [
     "RATIO_LEVELS",
     "STD_MODES",
     "ZERO_VARIANCE_MESSAGE",
+    "add_to_last_step",
     "aggregate_loss",
     "clipped_surrogate",
     "compute_advantages",
@@ -117,6 +125,7 @@ __all__ = [
     "overlong_penalty",
     "policy_loss",
     "process_advantages",
+    "process_group_informative",
     "reinforce_pp_baseline_advantages",
     "reward_kl_penalty",
     "rloo_advantages",

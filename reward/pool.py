@@ -43,6 +43,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from troupe.configs.schema import RewardConfig
 from troupe.reward.registry import load_reward_function
 from troupe.reward.scoring import part_names, score_batch
+from troupe.rollout.steps import split_steps
 from troupe.rollout.types import Group
 
 __all__ = ["RewardPool", "RewardPoolError", "RewardWorker", "function_specs", "part_names"]
@@ -58,36 +59,44 @@ class RewardPoolError(RuntimeError):
     """A batch could not be scored even after replacing its worker once."""
 
 
-def function_specs(cfg: RewardConfig) -> list[tuple[str, float]]:
-    """``[(name, weight), ...]`` from a RewardConfig (plain tuples, cheap to send to actors)."""
-    return [(f.name, float(f.weight)) for f in cfg.functions]
+def function_specs(cfg: RewardConfig) -> list[tuple[str, float, str]]:
+    """``[(name, weight, kind), ...]`` from a RewardConfig (plain tuples, cheap to send to actors)."""
+    return [(f.name, float(f.weight), f.kind) for f in cfg.functions]
 
 
 class RewardWorker:
     """Scores groups with the configured reward functions (one per Ray actor, or in-process).
 
     Args:
-        functions: ``[(spec, weight), ...]``; specs as accepted by
+        functions: ``[(spec, weight), ...]`` or ``[(spec, weight, kind), ...]`` with kind
+            ``"outcome"`` (default) or ``"process"``; specs as accepted by
             :func:`troupe.reward.registry.load_reward_function`, loaded here (in the worker
             process, so plugin modules must be importable there).
         timeout_s: per-sample timeout (RewardConfig.timeout_s).
         on_failure: ``"zero"`` or ``"exclude"`` (RewardConfig.on_failure).
+        step_delimiter: where completions are cut into steps for process functions
+            (RewardConfig.step_delimiter, ``troupe.rollout.steps.split_steps``).
     Raises:
-        ValueError: a spec cannot be loaded (message names the spec).
+        ValueError: a spec cannot be loaded (message names the spec), or a kind is unknown.
     """
 
     def __init__(
         self,
-        functions: Sequence[tuple[str, float]],
+        functions: Sequence[tuple],
         timeout_s: float,
         on_failure: Literal["zero", "exclude"],
+        step_delimiter: str = "\n",
     ) -> None:
         if not functions:
             raise ValueError("RewardWorker: no reward functions configured")
-        names = part_names([spec for spec, _ in functions])
-        self._fns = [
-            (name, load_reward_function(spec), float(weight)) for name, (spec, weight) in zip(names, functions)
-        ]
+        specs = [(f[0], float(f[1]), f[2] if len(f) > 2 else "outcome") for f in functions]
+        for spec, _, kind in specs:
+            if kind not in ("outcome", "process"):
+                raise ValueError(f"reward function {spec!r}: kind must be 'outcome' or 'process', got {kind!r}")
+        names = part_names([spec for spec, _, _ in specs])
+        self._fns = [(name, load_reward_function(spec), weight) for name, (spec, weight, _) in zip(names, specs)]
+        self._process = {name for name, (_, _, kind) in zip(names, specs) if kind == "process"}
+        self._step_delimiter = step_delimiter
         self._timeout_s = float(timeout_s)
         self._on_failure = on_failure
         self._restarted = False
@@ -117,7 +126,8 @@ class RewardWorker:
         ``prompts``/``completions``/``answer`` are skipped).
 
         Sets on each group: ``rewards`` ([G] combined reward or None), ``reward_parts``
-        (name -> [G]), and adds to ``failures``: counts per cause (``exception``, ``timeout``,
+        (name -> [G]), ``step_rewards`` (process functions only: [G] per-step lists, the
+        completions cut by ``split_steps``), and adds to ``failures``: counts per cause (``exception``, ``timeout``,
         ``nan``, ``type``; per function-sample pair), ``none`` (function returned None: not a
         failure, the sample is left out of group statistics) and ``worker_restart``.
 
@@ -143,9 +153,12 @@ class RewardWorker:
                 columns,
                 timeout_s=self._timeout_s,
                 on_failure=self._on_failure,
+                process=self._process,
+                steps=[[t for t, _ in split_steps(s.text, self._step_delimiter)] for s in g.samples] if self._process else None,
             )
             g.rewards = res.rewards
             g.reward_parts = res.parts
+            g.step_rewards = res.step_rewards
             counts = dict(res.failures)
             if res.none_count:
                 counts["none"] = res.none_count
@@ -203,9 +216,11 @@ class RewardPool:
             raise RuntimeError("RewardPool needs Ray: call ray.init() first")
         self._specs = function_specs(cfg)
         if runtime_env is None:  # fail fast, in the driver, with the loader's message
-            for spec, _ in self._specs:
+            for spec, _, _ in self._specs:
                 load_reward_function(spec)
-        self._names = part_names([spec for spec, _ in self._specs])
+        self._names = part_names([spec for spec, _, _ in self._specs])
+        self._step_delimiter = cfg.step_delimiter
+        self._has_process = any(kind == "process" for _, _, kind in self._specs)
         self._timeout_s = cfg.timeout_s
         self._on_failure = cfg.on_failure
         self._heartbeat_s = max(60.0, 3.0 * cfg.timeout_s) if heartbeat_s is not None and heartbeat_s < 0 else heartbeat_s
@@ -228,7 +243,7 @@ class RewardPool:
             self.wait_ready()
 
     def _new_worker(self) -> Any:
-        return self._actor_cls.remote(self._specs, self._timeout_s, self._on_failure)
+        return self._actor_cls.remote(self._specs, self._timeout_s, self._on_failure, self._step_delimiter)
 
     @property
     def num_workers(self) -> int:
@@ -353,11 +368,17 @@ class RewardPool:
                     rewards=[0.0 if self._on_failure == "zero" else None] * n,
                     reward_parts={name: [None] * n for name in self._names},
                     failures=failures,
+                    step_rewards=self._failed_steps(g) if self._has_process else [],
                 )
             )
         if out:
             out[0].failures["worker_wedged"] = out[0].failures.get("worker_wedged", 0) + 1
         return out
+
+    def _failed_steps(self, g: Group) -> list[Optional[list[float]]]:
+        if self._on_failure == "exclude":
+            return [None] * len(g.samples)
+        return [[0.0] * len(split_steps(smp.text, self._step_delimiter)) for smp in g.samples]
 
     def _get_one(self, ref: ray.ObjectRef, timeout: Optional[float]) -> list[Group]:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -33,6 +33,15 @@ if ``on_failure == "zero"``, and makes ``reward[i]`` None if ``on_failure == "ex
 When a function returned None for a sample, ``reward[i]`` is None whatever the policy.
 Failure counts are per (function, sample) pair: a sample on which two functions fail counts
 twice.
+
+Process reward functions (names in ``process``; DeepSeekMath 4.1.3 process supervision) get
+one more keyword, ``steps`` ([N] lists of step texts, ``troupe.rollout.steps.split_steps``), and
+return per completion a list with one score per step (None for a step = no score for that
+step, NaN in ``step_rewards``; a list of only None = no score for the sample). A list of the
+wrong length counts as ``"type"``, a NaN or inf element as ``"nan"``. They fill
+``ScoreResult.step_rewards``: ``step_rewards[i][j] = sum_{f process} weight_f * s_f[i][j]``
+plus, on the last step, the outcome functions' weighted sum (which replaces a NaN last step). Their part score (and their share
+of ``reward[i]``) is the mean of their valid step scores.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ import math
 import numbers
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Collection, Literal, Mapping, Optional, Sequence
 
 __all__ = ["FAILURE_CAUSES", "ScoreResult", "call_with_timeout", "part_names", "score_batch"]
 
@@ -82,6 +91,8 @@ class ScoreResult:
         none_count: (function, sample) pairs where the function returned None ("no score").
         errors: function name -> [N] failure cause per sample (None where it scored).
         messages: function name -> the first error message seen for it (for logs).
+        step_rewards: [N] combined per-step rewards ([S_i] floats, NaN = unscored step) or
+            None (excluded sample); empty unless process functions were given.
     """
 
     rewards: list[Optional[float]]
@@ -90,6 +101,7 @@ class ScoreResult:
     none_count: int = 0
     errors: dict[str, list[Optional[str]]] = field(default_factory=dict)
     messages: dict[str, str] = field(default_factory=dict)
+    step_rewards: list[Optional[list[float]]] = field(default_factory=list)
 
 
 def _run_maybe_async(fn: Callable, kwargs: dict) -> Any:
@@ -165,6 +177,27 @@ def _check_value(v: Any) -> tuple[Optional[float], Optional[str]]:
     return x, None
 
 
+def _check_steps(v: Any, num_steps: int) -> tuple[Optional[list[float]], Optional[str]]:
+    """Like ``_check_value`` for a process function's per-sample list of ``num_steps`` scores."""
+    if v is None:
+        return None, None
+    out = _as_list(v, num_steps)
+    if out is None:
+        return None, "type"
+    scores = []
+    for e in out:
+        if e is None:
+            scores.append(math.nan)
+            continue
+        x, cause = _check_value(e)
+        if cause is not None:
+            return None, cause
+        scores.append(x)
+    if all(math.isnan(x) for x in scores):
+        return None, None
+    return scores, None
+
+
 def _describe(e: BaseException) -> str:
     try:
         text = f"{type(e).__name__}: {e}"
@@ -190,10 +223,11 @@ def _score_one_function(
     columns: Mapping[str, list],
     timeout_s: float,
     batch_timeout_s: float,
-) -> tuple[list[Optional[float]], list[Optional[str]], Optional[str]]:
-    """(scores, causes, first message) for one function over the batch."""
+    check: Callable[[Any, int], tuple[Any, Optional[str]]],
+) -> tuple[list[Any], list[Optional[str]], Optional[str]]:
+    """(scores, causes, first message) for one function over the batch; ``check(value, i)`` validates."""
     n = len(completions)
-    scores: list[Optional[float]] = [None] * n
+    scores: list[Any] = [None] * n
     causes: list[Optional[str]] = [None] * n
     message: Optional[str] = None
     kwargs = {"prompts": list(prompts), "completions": list(completions)}
@@ -212,7 +246,7 @@ def _score_one_function(
         message = f"batch call: {_describe(e)}"
     if batch_out is not None:
         for i, v in enumerate(batch_out):
-            scores[i], causes[i] = _check_value(v)
+            scores[i], causes[i] = check(v, i)
         return scores, causes, message if any(causes) else None
 
     for i in range(n):
@@ -233,7 +267,7 @@ def _score_one_function(
             causes[i] = "type"
             message = message or f"sample {i}: returned {type(raw).__name__}, expected a list of 1 score"
             continue
-        scores[i], causes[i] = _check_value(out[0])
+        scores[i], causes[i] = check(out[0], i)
     return scores, causes, message
 
 
@@ -246,6 +280,8 @@ def score_batch(
     timeout_s: float,
     on_failure: Literal["zero", "exclude"],
     batch_timeout_s: Optional[float] = None,
+    process: Collection[str] = (),
+    steps: Optional[Sequence[Sequence[str]]] = None,
 ) -> ScoreResult:
     """Score N completions with every reward function and combine them with their weights.
 
@@ -259,11 +295,14 @@ def score_batch(
         timeout_s: seconds allowed to each per-sample call (step 2 in the module docstring).
         on_failure: ``"zero"``: a failed part counts 0; ``"exclude"``: the sample's reward is None.
         batch_timeout_s: seconds allowed to the first whole-batch call; default ``timeout_s``.
+        process: names (from ``fns``) of process reward functions (module docstring).
+        steps: [N] lists of step texts (at least one each); required when ``process`` is set.
     Returns:
         A :class:`ScoreResult`.
     Raises:
-        ValueError: only for caller errors (lengths of prompts/columns differ from
-            completions, duplicate names, bad ``on_failure``), never for a bad reward function.
+        ValueError: only for caller errors (lengths of prompts/columns/steps differ from
+            completions, duplicate names, unknown process names, bad ``on_failure``), never for a
+            bad reward function.
     """
     n = len(completions)
     if len(prompts) != n:
@@ -271,13 +310,17 @@ def score_batch(
     for k, v in columns.items():
         if len(v) != n:
             raise ValueError(f"score_batch: column {k!r} has {len(v)} values for {n} completions")
-        if k in ("prompts", "completions"):
+        if k in ("prompts", "completions", "steps"):
             raise ValueError(f"score_batch: column name {k!r} is reserved")
     if on_failure not in ("zero", "exclude"):
         raise ValueError(f"score_batch: on_failure must be 'zero' or 'exclude', got {on_failure!r}")
     names = [name for name, _, _ in fns]
     if len(set(names)) != len(names):
         raise ValueError(f"score_batch: duplicate reward function names {names}")
+    if set(process) - set(names):
+        raise ValueError(f"score_batch: process functions {sorted(set(process) - set(names))} are not in fns")
+    if process and (steps is None or len(steps) != n or any(len(st) < 1 for st in steps)):
+        raise ValueError("score_batch: process functions need steps: [N] lists of at least one step text")
     batch_timeout = timeout_s if batch_timeout_s is None else batch_timeout_s
 
     result = ScoreResult(rewards=[None] * n, parts={})
@@ -286,12 +329,20 @@ def score_batch(
         result.errors = {name: [] for name in names}
         return result
     totals = [0.0] * n
+    outcome = [0.0] * n
+    per_step = [[0.0] * len(steps[i]) for i in range(n)] if process else []
     excluded = [False] * n
     for name, fn, weight in fns:
+        is_process = name in process
+        if is_process:
+            cols = {**columns, "steps": [list(st) for st in steps]}
+            check = lambda v, i: _check_steps(v, len(steps[i]))  # noqa: E731
+        else:
+            cols, check = columns, lambda v, i: _check_value(v)  # noqa: E731
         scores, causes, message = _score_one_function(
-            fn, list(prompts), list(completions), columns, timeout_s, batch_timeout
+            fn, list(prompts), list(completions), cols, timeout_s, batch_timeout, check
         )
-        result.parts[name] = scores
+        result.parts[name] = [_nanmean(v) for v in scores] if is_process else scores
         result.errors[name] = causes
         if message:
             result.messages[name] = message
@@ -303,7 +354,28 @@ def score_batch(
             elif scores[i] is None:
                 result.none_count += 1
                 excluded[i] = True
+            elif is_process:
+                totals[i] += weight * result.parts[name][i]
+                per_step[i] = [acc + weight * x for acc, x in zip(per_step[i], scores[i])]
             else:
                 totals[i] += weight * scores[i]
+                outcome[i] += weight * scores[i]
     result.rewards = [None if excluded[i] else totals[i] for i in range(n)]
+    if process:
+        has_outcome = len(process) < len(fns)
+        for i in range(n):
+            if excluded[i]:
+                result.step_rewards.append(None)
+                continue
+            last = per_step[i][-1]
+            last = outcome[i] if (math.isnan(last) and has_outcome) else last + outcome[i]
+            result.step_rewards.append(per_step[i][:-1] + [last])
     return result
+
+
+def _nanmean(v: Optional[list[float]]) -> Optional[float]:
+    """Mean of the non-NaN entries (None for None; ``_check_steps`` never returns all-NaN)."""
+    if v is None:
+        return None
+    valid = [x for x in v if not math.isnan(x)]
+    return math.fsum(valid) / len(valid)

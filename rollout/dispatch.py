@@ -30,8 +30,10 @@ class RolloutDispatcher:
         self.chunks_per_engine = chunks_per_engine
 
     def run(self, prompts: list[Prompt], *, n: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-            seed: int | None = None, score: bool = True) -> tuple[list[Group], dict]:
+            seed: int | None = None, score: bool = True, step_delimiter: str | None = None) -> tuple[list[Group], dict]:
         """Generate ``n`` samples per prompt and score them; groups come back in prompt order.
+
+        ``step_delimiter`` (process supervision) makes the engines mark each sample's step ends.
 
         Returns (groups, timings) with timings {"generate": s until the last sample arrived,
         "reward": s spent waiting for scores after that, "engine_load": prompts per engine}.
@@ -46,7 +48,7 @@ class RolloutDispatcher:
             load[e] += len(chunk)
             ref = self.engines[e].generate.remote(
                 chunk, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                seed=None if seed is None else seed + ci)
+                seed=None if seed is None else seed + ci, step_delimiter=step_delimiter)
             gen_refs[ref] = ci
         results: dict[int, object] = {}
         pending = list(gen_refs)

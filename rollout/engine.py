@@ -18,6 +18,7 @@ import os
 import time
 from typing import Optional
 
+from troupe.rollout.steps import split_steps, step_token_ends
 from troupe.rollout.types import Group, Prompt, Sample
 
 
@@ -109,12 +110,15 @@ class RolloutEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: Optional[int] = None,
+        step_delimiter: Optional[str] = None,
     ) -> list[Group]:
         """Sample ``n`` responses per prompt (greedy when temperature == 0 and n == 1).
 
         Returns one unscored ``Group`` per prompt, in prompt order; each sample carries
         [R] token ids, [R] sampling logprobs (nats), the decoded text, whether it was
-        truncated at ``max_new_tokens``, and the engine's policy version.
+        truncated at ``max_new_tokens``, and the engine's policy version. With
+        ``step_delimiter`` (process supervision) each sample also gets ``step_ends``: the
+        last response token of each step of ``troupe.rollout.steps.split_steps(text)``.
         """
         from vllm import SamplingParams
 
@@ -133,9 +137,15 @@ class RolloutEngine:
             for c in out.outputs:
                 ids = list(c.token_ids)
                 lps = [float(d[t].logprob) for t, d in zip(ids, c.logprobs)] if c.logprobs else [0.0] * len(ids)
-                samples.append(Sample(ids, lps, c.text, c.finish_reason == "length", self.version))
+                ends = self._step_ends(ids, c.text, step_delimiter) if step_delimiter and ids else []
+                samples.append(Sample(ids, lps, c.text, c.finish_reason == "length", self.version, ends))
             groups.append(Group(prompt=p, samples=samples))
         return groups
+
+    def _step_ends(self, ids: list[int], text: str, delimiter: str) -> list[int]:
+        tok = self.llm.get_tokenizer()
+        char_ends = [end for _, end in split_steps(text, delimiter)]
+        return step_token_ends(lambda k: len(tok.decode(ids[:k], skip_special_tokens=True)), len(ids), char_ends)
 
     def sequence_logprobs(self, token_ids: list[int], start: int) -> list[float]:
         """Engine log-probs of ``token_ids[start:]`` given their prefix (prompt_logprobs), [len - start].

@@ -42,6 +42,9 @@ class Sample:
         text: decoded response.
         truncated: True if the response hit max_new_tokens without EOS.
         policy_version: the weight version the engine held when sampling.
+        step_ends: [S] index of the last response token of each reasoning step
+            (``troupe.rollout.steps``), filled by the engine only when a step delimiter is set
+            (process supervision); empty otherwise and for an empty response.
     """
 
     response_ids: list[int]
@@ -49,6 +52,7 @@ class Sample:
     text: str
     truncated: bool
     policy_version: int
+    step_ends: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -57,7 +61,13 @@ class Group:
 
     ``rewards[i]`` is the combined weighted reward of sample i, or None when it could not be
     scored and the failure policy is "exclude". ``reward_parts[name][i]`` keeps each reward
-    function's own score (None on failure) for metrics.
+    function's own score (None on failure) for metrics; for a process reward function that is
+    the mean of its step scores.
+
+    ``step_rewards[i]`` (process supervision only, else empty) is sample i's combined reward per
+    reasoning step, [S_i] floats (NaN = a step left out of the statistics), aligned with
+    ``samples[i].step_ends``, or None when the sample is excluded. Outcome reward functions'
+    weighted scores are added to the last step.
     """
 
     prompt: Prompt
@@ -65,6 +75,7 @@ class Group:
     rewards: list[Optional[float]] = field(default_factory=list)
     reward_parts: dict[str, list[Optional[float]]] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
+    step_rewards: list[Optional[list[float]]] = field(default_factory=list)
 
     @property
     def size(self) -> int:

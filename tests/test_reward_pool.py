@@ -37,7 +37,7 @@ def _score(fns, completions, *, timeout_s=5.0, on_failure="zero", **columns):
 
 
 def test_builtin_names():
-    assert set(BUILTIN_REWARDS) == {"accuracy", "format", "gsm8k", "math", "language"}
+    assert set(BUILTIN_REWARDS) == {"accuracy", "format", "gsm8k", "math", "language", "arith_steps"}
     for name in BUILTIN_REWARDS:
         assert load_reward_function(name) is BUILTIN_REWARDS[name]
 

@@ -1,0 +1,94 @@
+"""Reasoning steps of a completion, for process supervision (DeepSeekMath arXiv 2402.03300, 4.1.3).
+
+A completion is cut into steps at ``reward.step_delimiter`` (``"\\n"`` by default, TRL's
+``PRMTrainer`` ``step_separator``; the arithmetic demo uses ``","`` between its column sums).
+The same cut is made in two places, which is why it lives here, in one function:
+
+* the reward worker hands the step texts to process reward functions (``steps=`` keyword) and
+  gets one score per step back;
+* the engine maps each step to the index of its last response token, so the learner can give
+  token t the sum of the normalised rewards of the steps that end at or after t.
+
+Rules of the cut (``split_steps``):
+
+* ``text.split(delimiter)``; the delimiter belongs to the step it ends (so the token that
+  carries it is that step's last token);
+* whitespace-only pieces are not steps (``"a\\n\\nb"`` has two steps);
+* a completion always has at least one step: an empty or all-whitespace completion is one
+  empty step, so every sample with tokens gets a reward;
+* the last step ends at the last response token (EOS included), so no token is left without
+  credit (``step_token_ends``).
+
+Imports nothing outside the standard library (no torch, ray or vllm).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+__all__ = ["split_steps", "step_token_ends"]
+
+
+def split_steps(text: str, delimiter: str) -> list[tuple[str, int]]:
+    """Cut ``text`` into reasoning steps.
+
+    Args:
+        text: the decoded completion.
+        delimiter: non-empty step separator.
+    Returns:
+        ``[(step_text, char_end), ...]``, at least one entry; ``step_text`` is the piece without
+        its delimiter, ``char_end`` the exclusive end offset in ``text`` of the step including
+        its delimiter (non-decreasing, the last one may be < len(text) when whitespace trails).
+    Raises:
+        ValueError: empty delimiter.
+    """
+    if not isinstance(delimiter, str) or not delimiter:
+        raise ValueError("step delimiter must be a non-empty string")
+    steps: list[tuple[str, int]] = []
+    pos = 0
+    pieces = text.split(delimiter)
+    for k, piece in enumerate(pieces):
+        end = pos + len(piece) + (len(delimiter) if k < len(pieces) - 1 else 0)
+        if piece.strip():
+            steps.append((piece, end))
+        pos = end
+    return steps or [(text, len(text))]
+
+
+def step_token_ends(decoded_len: Callable[[int], int], num_tokens: int, char_ends: list[int]) -> list[int]:
+    """Index of the last response token of each step.
+
+    Step j ends at the first token t whose decoded prefix ``ids[:t+1]`` is at least
+    ``char_ends[j]`` characters long (the token that completes the step's delimiter); the last
+    step always ends at ``num_tokens - 1``. Found by binary search, O(steps * log T) decodes.
+
+    Args:
+        decoded_len: k -> length of the decoded text of the first k response tokens (the
+            engine's tokenizer, ``skip_special_tokens=True`` as vLLM decodes); must be
+            non-decreasing in k (a prefix cut inside a multi-byte character may decode to a
+            replacement character; the search tolerates small bumps).
+        num_tokens: R >= 1, response tokens of the sample.
+        char_ends: ``[c for _, c in split_steps(text, delimiter)]``.
+    Returns:
+        ``[S]`` ints in [0, R), non-decreasing, last = R - 1.
+    Raises:
+        ValueError: num_tokens < 1 or no steps.
+    """
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    if not char_ends:
+        raise ValueError("char_ends is empty: split_steps always returns at least one step")
+    out: list[int] = []
+    lo_bound = 0
+    for c in char_ends[:-1]:
+        lo, hi = lo_bound, num_tokens - 1
+        while lo < hi:  # smallest t in [lo_bound, R-1] with decoded_len(t + 1) >= c
+            mid = (lo + hi) // 2
+            if decoded_len(mid + 1) >= c:
+                hi = mid
+            else:
+                lo = mid + 1
+        out.append(lo)
+        lo_bound = lo
+    out.append(num_tokens - 1)
+    return out
