@@ -113,6 +113,8 @@ def learn(actors: Actors, batch: TrainBatch, cfg: RunConfig) -> dict:
     if a.advantage == "process":  # zero variance means: no step reward differs within the group
         flat = [batch.step_rewards[k:k + G] for k in range(0, batch.size, G)]
         out["zero_variance_frac"] = sum(not grpo.process_group_informative(g) for g in flat) / len(flat)
+        counts = [len(rs) for rs in batch.step_rewards if rs]
+        out["process/steps_mean"] = sum(counts) / max(1, len(counts))  # steps per scored sample
     return out
 
 
