@@ -14,7 +14,8 @@ of the preset split (default split ``test``), and the default reward is the pres
 (``gsm8k`` or ``math``). Other input fields are passed to reward functions as columns.
 
 Writes one JSON line per input row: ``{"index", "reward", "parts", "failure"}`` (``failure``:
-function name -> cause, or null) to ``--out`` (or stdout), and a summary (rows, mean reward,
+function name -> cause, or null; with process reward functions in ``--config`` also
+``step_rewards``, the completion cut at ``reward.step_delimiter``) to ``--out`` (or stdout), and a summary (rows, mean reward,
 per-function means, failures by cause) to stdout (stderr when the rows go to stdout).
 Exit status: 0 on success, 2 on bad input (message on stderr).
 """
@@ -116,8 +117,9 @@ def _read_input(path: str, completion_field: str) -> list[dict]:
     return rows
 
 
-def _reward_setup(args: argparse.Namespace) -> tuple[list[tuple[str, float]], float, str]:
-    timeout, on_failure = 10.0, "zero"
+def _reward_setup(args: argparse.Namespace) -> tuple[list[tuple[str, float]], float, str, set[int], str]:
+    """(specs, timeout, on_failure, indices of process functions, step delimiter)."""
+    timeout, on_failure, process, delimiter = 10.0, "zero", set(), "\n"
     if args.config:
         import yaml
         from pydantic import ValidationError
@@ -139,7 +141,8 @@ def _reward_setup(args: argparse.Namespace) -> tuple[list[tuple[str, float]], fl
             msgs = "; ".join(f"reward.{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors())
             raise _InputError(f"{args.config}: {msgs}") from None
         specs = [(f.name, f.weight) for f in cfg.functions]
-        timeout, on_failure = cfg.timeout_s, cfg.on_failure
+        process = {i for i, f in enumerate(cfg.functions) if f.kind == "process"}
+        timeout, on_failure, delimiter = cfg.timeout_s, cfg.on_failure, cfg.step_delimiter
     elif args.rewards:
         try:
             specs = parse_reward_list(args.rewards)
@@ -157,7 +160,7 @@ def _reward_setup(args: argparse.Namespace) -> tuple[list[tuple[str, float]], fl
         timeout = args.timeout
     if args.on_failure:
         on_failure = args.on_failure
-    return specs, timeout, on_failure
+    return specs, timeout, on_failure, process, delimiter
 
 
 def _mean(xs: Sequence[Optional[float]]) -> Optional[float]:
@@ -192,7 +195,7 @@ def _score(args: argparse.Namespace) -> int:
     from troupe.reward.registry import load_reward_function
     from troupe.reward.scoring import part_names, score_batch
 
-    specs, timeout, on_failure = _reward_setup(args)
+    specs, timeout, on_failure, process_idx, delimiter = _reward_setup(args)
     fns = []
     names = part_names([s for s, _ in specs])
     for name, (spec, weight) in zip(names, specs):
@@ -242,7 +245,14 @@ def _score(args: argparse.Namespace) -> int:
     for k in extra:
         columns[k] = [r.get(k) for r in rows]
 
-    res = score_batch(fns, prompts, completions, columns, timeout_s=timeout, on_failure=on_failure)
+    process = {fns[i][0] for i in process_idx}
+    steps = None
+    if process:
+        from troupe.rollout.steps import split_steps
+
+        steps = [[t for t, _ in split_steps(str(c), delimiter)] for c in completions]
+    res = score_batch(fns, prompts, completions, columns, timeout_s=timeout, on_failure=on_failure,
+                      process=process, steps=steps)
 
     out: TextIO
     to_stdout = not args.out
@@ -256,6 +266,8 @@ def _score(args: argparse.Namespace) -> int:
                 "parts": {name: res.parts[name][i] for name in res.parts},
                 "failure": failure or None,
             }
+            if process:
+                rec["step_rewards"] = res.step_rewards[i]
             out.write(json.dumps(rec) + "\n")
     finally:
         if not to_stdout:

@@ -246,3 +246,22 @@ def test_process_preset_loads():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "arith_process_cpu.yaml")
     assert cfg.algo.advantage == "process" and cfg.reward.step_delimiter == ","
+
+
+def test_score_cli_process_config(tmp_path, capsys):
+    """`troupe score --config` with a process function writes each row's step rewards."""
+    import json
+
+    from troupe.reward.score_cli import main
+
+    good = arith.worked_solution({"question": "67+48"})
+    sloppy = arith.worked_solution({"question": "67+48"}, forget_carry=True)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": "67+48", "completion": c, "reference": "115"}) + "\n" for c in (good, sloppy)))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("reward:\n  step_delimiter: ','\n  functions:\n    - {name: arith_steps, kind: process}\n"
+                   "    - {name: format, weight: 0.5}\n")
+    assert main([str(inp), "--config", str(cfg), "--out", str(tmp_path / "o.jsonl")]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["step_rewards"] for r in recs] == [[1.0, 1.0, 1.5], [1.0, 0.0, 0.5]]
+    assert [r["reward"] for r in recs] == [1.5, pytest.approx(1 / 3 + 0.5)]
