@@ -7,14 +7,17 @@ back to generation; ``RewardPool.get`` collects the scored groups later.
 
 Fault tolerance, in three layers:
 
-1. Ray: actors are created with ``max_restarts=-1, max_task_retries=-1``. If a worker
+1. Ray: actors are created with ``max_restarts=-1, max_task_retries=1``. If a worker
    process dies mid-batch (segfault in a C extension, ``os._exit``, OOM kill), Ray restarts
-   it and re-runs the batch on the new process; the first batch a restarted worker scores
-   carries ``failures["worker_restart"] = 1`` on its first group.
-2. Pool, dead worker: if ``get`` sees ``ray.exceptions.RayActorError`` (the actor was killed
-   with ``no_restart``, its node is gone, or retries are capped), the pool replaces the
-   actor, resubmits the batch once and counts ``failures["worker_restart"]`` on its first
-   group. A second death raises :class:`RewardPoolError`.
+   it and re-runs the batch once on the new process; the first batch a restarted worker
+   scores carries ``failures["worker_restart"] = 1`` on its first group.
+2. Pool, dead worker: if ``get`` sees ``ray.exceptions.RayActorError`` (the batch killed the
+   restarted process too, the actor was killed with ``no_restart``, or its node is gone), the
+   pool replaces the actor, resubmits the batch once and counts ``failures["worker_restart"]``
+   on its first group. If the batch kills that worker as well (a reward function that crashes
+   the process on some input, every time), it is returned scored as failed: every part of
+   every sample counts as ``"exception"`` (reward 0 or None by ``on_failure``) and the first
+   group carries ``failures["worker_died"] = 1``. The run goes on.
 3. Pool, wedged worker: per-call timeouts in ``troupe.reward.scoring`` are thread-based,
    and a thread stuck in C code that holds the GIL (a huge integer power, a catastrophic
    regex) stops the whole process, timeouts included. While waiting, ``get`` pings the
@@ -25,9 +28,9 @@ Fault tolerance, in three layers:
    sample counts as ``"timeout"`` (reward 0 or None by ``on_failure``) and the first group
    carries ``failures["worker_wedged"] = 1``.
 
-Caveat: with unlimited task retries, a batch that kills every worker that touches it (a
-reward function that crashes the process on one input) is retried forever by Ray (layer 1).
-Pass ``max_task_retries=3`` (for example) to hand that case to layer 2 and then an error.
+A batch that kills its worker is thus tried at most four times (two processes of the first
+actor, two of its replacement) before it is scored as failed. ``max_task_retries=-1`` (Ray's
+unlimited retries) would instead retry such a batch forever.
 """
 
 from __future__ import annotations
@@ -46,17 +49,13 @@ from troupe.reward.scoring import part_names, score_batch
 from troupe.rollout.steps import split_steps
 from troupe.rollout.types import Group
 
-__all__ = ["RewardPool", "RewardPoolError", "RewardWorker", "function_specs", "part_names"]
+__all__ = ["RewardPool", "RewardWorker", "function_specs", "part_names"]
 
 logger = logging.getLogger(__name__)
 
 _RESERVED_COLUMNS = ("prompts", "completions", "answer")
 _HEALTH_GROUP = "health"
 _STARTUP_TIMEOUT_S = 300.0
-
-
-class RewardPoolError(RuntimeError):
-    """A batch could not be scored even after replacing its worker once."""
 
 
 def function_specs(cfg: RewardConfig) -> list[tuple[str, float, str]]:
@@ -182,7 +181,8 @@ class RewardPool:
     Args:
         cfg: the run's RewardConfig (functions, timeout_s, on_failure, num_workers).
         num_cpus_per_worker: Ray CPUs per actor; default ``cfg.num_cpus_per_worker``.
-        max_task_retries: Ray task retries on worker death (-1: unlimited; see module doc).
+        max_task_retries: Ray task retries on worker death (-1: unlimited, which retries a batch
+            that always kills its worker forever; see module doc).
         heartbeat_s: seconds a busy worker may leave a ping unanswered before it counts as
             wedged (layer 3); default ``max(60, 3 * cfg.timeout_s)``; None disables the check.
         runtime_env: optional Ray runtime_env for the actors (e.g. PYTHONPATH for plugins).
@@ -207,7 +207,7 @@ class RewardPool:
         cfg: RewardConfig,
         num_cpus_per_worker: Optional[float] = None,
         *,
-        max_task_retries: int = -1,
+        max_task_retries: int = 1,
         heartbeat_s: Optional[float] = -1.0,
         runtime_env: Optional[dict] = None,
         wait_ready: bool = True,
@@ -355,13 +355,14 @@ class RewardPool:
             except RayActorError:
                 pass  # the actor is restarting or gone; the next ray.get(ref) tells which
 
-    def _failed_batch(self, groups: list[Group]) -> list[Group]:
-        """Copies of ``groups`` scored as all-timeout (the caller's objects stay untouched)."""
+    def _failed_batch(self, groups: list[Group], cause: str, flag: str) -> list[Group]:
+        """Copies of ``groups`` with every part of every sample failed with ``cause``, and
+        ``failures[flag] = 1`` on the first (the caller's objects stay untouched)."""
         out = []
         for g in groups:
             n = len(g.samples)
             failures = dict(g.failures)
-            failures["timeout"] = failures.get("timeout", 0) + n * len(self._names)
+            failures[cause] = failures.get(cause, 0) + n * len(self._names)
             out.append(
                 dataclasses.replace(
                     g,
@@ -372,7 +373,7 @@ class RewardPool:
                 )
             )
         if out:
-            out[0].failures["worker_wedged"] = out[0].failures.get("worker_wedged", 0) + 1
+            out[0].failures[flag] = out[0].failures.get(flag, 0) + 1
         return out
 
     def _failed_steps(self, g: Group) -> list[Optional[list[float]]]:
@@ -395,6 +396,7 @@ class RewardPool:
                 idx, "is wedged" if wedged else "died", e, len(groups),
             )
             self._origin.pop(ref, None)
+            retry_actor = actor
             try:
                 self._replace_worker(idx, actor)
                 retry_actor = self._workers[idx]
@@ -403,14 +405,12 @@ class RewardPool:
             except _Wedged:
                 logger.error("reward batch of %d groups wedged two workers; scoring it as failed", len(groups))
                 self._replace_worker(idx, retry_actor)
-                return self._failed_batch(groups)
-            except (RayActorError, GetTimeoutError) as e2:
-                if isinstance(e2, GetTimeoutError) and deadline is not None and time.monotonic() >= deadline:
-                    raise
-                raise RewardPoolError(
-                    f"reward batch of {len(groups)} groups failed twice (worker died: {e2}); "
-                    "a reward function may be crashing the worker process"
-                ) from e2
+                return self._failed_batch(groups, "timeout", "worker_wedged")
+            except RayActorError as e2:
+                logger.error("reward batch of %d groups killed its worker again (%s): a reward function may be "
+                             "crashing the worker process; scoring the batch as failed", len(groups), e2)
+                self._replace_worker(idx, retry_actor)
+                return self._failed_batch(groups, "exception", "worker_died")
             if out:
                 out[0].failures["worker_restart"] = out[0].failures.get("worker_restart", 0) + 1
             return out
@@ -427,7 +427,6 @@ class RewardPool:
                 them (returns ``list[list[Group]]``, same order).
             timeout: seconds per ref (None: wait as long as it takes).
         Raises:
-            RewardPoolError: a batch's worker died again after being replaced.
             ray.exceptions.GetTimeoutError: ``timeout`` passed.
         """
         if isinstance(refs, ray.ObjectRef):

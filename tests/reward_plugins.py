@@ -117,3 +117,10 @@ def wedge_on_wedge(prompts, completions, **kwargs):
 
 
 NOT_CALLABLE = 3
+
+
+def kill_on_kill(prompts, completions, **kwargs):
+    """Kills the worker process (os._exit) whenever a completion is "kill", every time; else 1.0."""
+    if "kill" in completions:
+        os._exit(1)
+    return [1.0 for _ in completions]

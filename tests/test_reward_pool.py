@@ -330,6 +330,23 @@ def test_pool_recovers_from_wedged_worker(ray_local):
         pool.shutdown()
 
 
+def test_pool_scores_a_worker_killing_batch_as_failed(ray_local):
+    """A reward function that kills the process on one input, every time: the batch is tried on
+    two restarted processes and a replacement worker, then scored as failed; the run goes on."""
+    from troupe.reward.pool import RewardPool
+
+    pool = RewardPool(_cfg([("reward_plugins:kill_on_kill", 1.0)], num_workers=1))
+    try:
+        bad = pool.submit(_text_groups([["ok", "kill"], ["ok", "ok"]]))
+        failed = pool.get(bad, timeout=300)
+        assert [g.rewards for g in failed] == [[0.0, 0.0], [0.0, 0.0]]
+        assert failed[0].failures == {"exception": 2, "worker_died": 1}
+        assert failed[1].failures == {"exception": 2}
+        assert pool.score_now(_text_groups([["ok", "ok"]]))[0].rewards == [1.0, 1.0]  # still serving
+    finally:
+        pool.shutdown()
+
+
 def test_pool_rejects_bad_spec_before_starting(ray_local):
     from troupe.reward.pool import RewardPool
 
