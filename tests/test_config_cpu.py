@@ -106,3 +106,21 @@ def test_cli_exit_status_from_the_installed_script(tmp_path):
     assert out.returncode == 2
     assert "learner.lr" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_algo_literals_match_the_maths_registries():
+    """Every value the config accepts selects an implementation, and every implementation is selectable."""
+    from typing import get_args
+
+    from troupe.configs.schema import AlgoConfig
+    from troupe.learner import grpo
+
+    def values(field):
+        return set(get_args(AlgoConfig.model_fields[field].annotation))
+
+    # 'process' takes per-step rewards, so it is grpo.process_advantages rather than a registry entry
+    assert values("advantage") == set(grpo.ADVANTAGE_ESTIMATORS) | {"process"}
+    assert values("loss_agg") == set(grpo.LOSS_AGG_MODES)
+    assert values("kl_estimator") == set(grpo.KL_ESTIMATORS)
+    assert values("ratio_level") == set(grpo.RATIO_LEVELS)
+    assert values("std") == set(grpo.STD_MODES)
