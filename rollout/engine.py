@@ -18,7 +18,7 @@ import os
 import time
 from typing import Optional
 
-from troupe.rollout.steps import split_steps, step_token_ends
+from troupe.rollout.steps import decoded_prefix_lengths, split_steps, step_token_ends
 from troupe.rollout.types import Group, Prompt, Sample
 
 
@@ -143,9 +143,8 @@ class RolloutEngine:
         return groups
 
     def _step_ends(self, ids: list[int], text: str, delimiter: str) -> list[int]:
-        tok = self.llm.get_tokenizer()
-        char_ends = [end for _, end in split_steps(text, delimiter)]
-        return step_token_ends(lambda k: len(tok.decode(ids[:k], skip_special_tokens=True)), len(ids), char_ends)
+        lengths = decoded_prefix_lengths(self.llm.get_tokenizer(), ids)
+        return step_token_ends(lengths.__getitem__, len(ids), [end for _, end in split_steps(text, delimiter)])
 
     def sequence_logprobs(self, token_ids: list[int], start: int) -> list[float]:
         """Engine log-probs of ``token_ids[start:]`` given their prefix (prompt_logprobs), [len - start].

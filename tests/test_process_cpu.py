@@ -20,7 +20,7 @@ from troupe.reward.pool import RewardWorker
 from troupe.reward.registry import arith_steps
 from troupe.reward.scoring import score_batch
 from troupe.rollout import arith
-from troupe.rollout.steps import split_steps, step_token_ends
+from troupe.rollout.steps import decoded_prefix_lengths, split_steps, step_token_ends
 from troupe.rollout.types import Group, Prompt, Sample
 
 NAN = math.nan
@@ -82,8 +82,7 @@ def test_step_token_ends_with_real_tokenizer(tokenizer):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
         steps = split_steps(text, ",")
-        ends = step_token_ends(lambda k: len(tokenizer.decode(ids[:k], skip_special_tokens=True)), len(ids),
-                               [c for _, c in steps])
+        ends = step_token_ends(decoded_prefix_lengths(tokenizer, ids).__getitem__, len(ids), [c for _, c in steps])
         assert len(ends) == len(steps) == text.count(",") + 1
         assert ends[-1] == len(ids) - 1  # EOS belongs to the last step
         for (_, c), e in zip(steps[:-1], ends[:-1]):
@@ -92,6 +91,21 @@ def test_step_token_ends_with_real_tokenizer(tokenizer):
             assert upto.endswith(",") and len(upto) >= c > len(before)
             checked += 1
     assert checked >= 100
+
+
+def test_decoded_prefix_lengths_match_prefix_decodes(tokenizer):
+    """One incremental pass gives what decoding every prefix gives; inside a multi-byte character
+    it waits for the character (prefix decodes show a 1-character replacement mark there)."""
+    text = arith.worked_solution({"question": "67+48"}) + "\n" + arith.worked_solution({"question": "905+99"})
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    slow = [len(tokenizer.decode(ids[:k], skip_special_tokens=True)) for k in range(len(ids) + 1)]
+    assert decoded_prefix_lengths(tokenizer, ids) == slow
+    ids = tokenizer("1+1=2 é€😀", add_special_tokens=False)["input_ids"]
+    fast = decoded_prefix_lengths(tokenizer, ids)
+    slow = [len(tokenizer.decode(ids[:k], skip_special_tokens=True)) for k in range(len(ids) + 1)]
+    assert fast[-1] == slow[-1] == len("1+1=2 é€😀")
+    assert all(f <= s for f, s in zip(fast, slow)) and fast != slow  # the byte-level tokens split characters
+    assert fast == sorted(fast)
 
 
 # ---------------------------------------------------------------- scoring
@@ -162,7 +176,7 @@ def _group(question, answer, texts, tokenizer):
     samples = []
     for t in texts:
         ids = tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ends = step_token_ends(lambda k: len(tokenizer.decode(ids[:k], skip_special_tokens=True)), len(ids),
+        ends = step_token_ends(decoded_prefix_lengths(tokenizer, ids).__getitem__, len(ids),
                                [c for _, c in split_steps(t, ",")])
         samples.append(Sample(ids, [-1.0] * len(ids), t, False, 0, ends))
     return Group(prompt=prompt, samples=samples)
