@@ -1,4 +1,5 @@
-"""Run directory, metrics.jsonl and per-step metric assembly (no Ray, no torch)."""
+"""Run directory, metrics.jsonl (+ TensorBoard) and per-step metric assembly (no Ray; torch only
+for TensorBoard's writer, imported when one is asked for)."""
 
 from __future__ import annotations
 
@@ -16,21 +17,38 @@ ACCURACY_REWARDS = ("accuracy", "gsm8k", "math")
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``run_dir/metrics.jsonl`` (flushed every write)."""
+    """Appends one JSON object per line to ``run_dir/metrics.jsonl`` (flushed every write) and,
+    with ``tensorboard=True``, every finite number of the record as a TensorBoard scalar at the
+    record's ``step`` under ``run_dir/tensorboard`` (``tensorboard --logdir runs``), as
+    veRL's and OpenRLHF's tensorboard loggers do. Keys keep their slashes (``reward/accuracy_mean``),
+    which TensorBoard shows as sections.
+    """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._f = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def write(self, record: dict) -> None:
         """Write one record (non-finite floats become null, so the file stays valid JSON)."""
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._f.write(json.dumps({"time": time.time(), **clean}) + "\n")
         self._f.flush()
+        if self._tb is not None and isinstance(record.get("step"), int):
+            for k, v in clean.items():
+                if k not in ("step", "time", "final") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, record["step"])
+            self._tb.flush()
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file (and the TensorBoard writer)."""
         self._f.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def _mean(xs: list[float]) -> float:

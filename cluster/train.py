@@ -145,7 +145,7 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, prompts: list[Prompt], 
     """Run ``cfg.steps`` GRPO steps; returns the summary (eval before/after, last metrics)."""
     dispatcher = RolloutDispatcher(actors.engines, actors.rewards)
     sync = WeightSync(actors.learners, actors.engines, cfg.sync.strategy, actors.single_node())
-    writer = MetricsWriter(run_dir)
+    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
     first = evaluate(dispatcher, eval_prompts, cfg, run_dir / "eval_start.jsonl")
     writer.write({"step": 0, **first})
     say(f"start: held-out greedy accuracy {first.get('eval/accuracy', float('nan')):.3f} on {len(eval_prompts)} prompts")

@@ -225,6 +225,7 @@ class RunConfig(_Strict):
     eval_every: int = Field(0, ge=0, description="Greedy eval every N steps (0: only at start and end).")
     save_every: int = Field(0, ge=0, description="HF checkpoint every N steps (0: only the final one).")
     device: Literal["cpu", "gpu"] = Field("cpu", description="Where engines and learner ranks run.")
+    tensorboard: bool = Field(True, description="Also write metrics as TensorBoard scalars to <run dir>/tensorboard.")
     model: ModelConfig
     data: DataConfig
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)

@@ -64,6 +64,7 @@ def test_arith_grpo_two_ranks(tmp_path, stage):
                 "clip_frac_high", "logprob_mismatch", "time/generate", "time/reward", "time/learn", "time/sync"):
         assert key in steps[-1], key
     assert (run_dir / "config.yaml").exists()
+    assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # curves for `tensorboard --logdir`
     assert "held-out greedy accuracy" in (run_dir / "log.txt").read_text()  # each run logs into its own directory
     ckpt = Path(summary["checkpoint"])
     assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
