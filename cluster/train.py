@@ -78,14 +78,15 @@ def minibatch_denoms(batch: TrainBatch, num_ranks: int, mini_batches: int) -> li
             for m in range(mini_batches)]
 
 
-def learn(actors: Actors, batch: TrainBatch, cfg: RunConfig) -> dict:
-    """Advantages and the learner update for one batch; returns learner + advantage metrics."""
-    a, R, G = cfg.algo, cfg.learner.num_ranks, cfg.rollout.group_size
-    rows = batch.size // R
-    tensors_only = batch.with_(step_rewards=None, step_ends=None)
-    shards = [tensors_only.select(slice(r * rows, (r + 1) * rows)) for r in range(R)]
-    prep = ray.get([lr.prepare.remote(s) for lr, s in zip(actors.learners, shards)])
-    shaping = torch.zeros(batch.size)  # [B] per-sequence reward terms: overlong penalty, KL in the reward
+def advantages(batch: TrainBatch, prep: list[dict], cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reward shaping, then advantages by ``algo.advantage``: ([B, T] advantages, [B] shaped rewards).
+
+    ``prep`` is the learner ranks' ``prepare`` output (old/ref logprobs, for KL in the reward).
+    Per-sequence terms (DAPO overlong penalty, KL in the reward) are added to the outcome reward,
+    or to the last step's reward under process supervision.
+    """
+    a, G = cfg.algo, cfg.rollout.group_size
+    shaping = torch.zeros(batch.size)  # [B]
     lengths = batch.attention_mask[:, batch.prompt_len:].sum(1).float()  # [B] response tokens, masked or not
     if a.overlong_buffer:
         shaping = shaping + grpo.overlong_penalty(lengths, cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
@@ -94,15 +95,24 @@ def learn(actors: Actors, batch: TrainBatch, cfg: RunConfig) -> dict:
         ref = torch.cat([p["ref_logprobs"] for p in prep])
         shaping = grpo.reward_kl_penalty(shaping, old, ref, batch.response_mask, a.kl_coef, a.kl_estimator)
     rewards = batch.rewards + shaping
-    if a.advantage == "process":
-        if batch.step_rewards is None:
-            raise RuntimeError("algo.advantage 'process' but the scored groups carry no step rewards "
-                               "(no reward function of kind 'process' ran)")
-        step_rewards = grpo.add_to_last_step(batch.step_rewards, shaping)
-        adv = grpo.process_advantages(step_rewards, batch.step_ends, G, batch.response_len, std=a.std, eps=a.adv_eps)
-        adv = adv * batch.response_mask
-    else:
-        adv = grpo.compute_advantages(a.advantage, rewards, G, batch.response_mask, std=a.std, eps=a.adv_eps)
+    if a.advantage != "process":
+        return grpo.compute_advantages(a.advantage, rewards, G, batch.response_mask, std=a.std, eps=a.adv_eps), rewards
+    if batch.step_rewards is None:
+        raise RuntimeError("algo.advantage 'process' but the scored groups carry no step rewards "
+                           "(no reward function of kind 'process' ran)")
+    step_rewards = grpo.add_to_last_step(batch.step_rewards, shaping)
+    adv = grpo.process_advantages(step_rewards, batch.step_ends, G, batch.response_len, std=a.std, eps=a.adv_eps)
+    return adv * batch.response_mask, rewards
+
+
+def learn(actors: Actors, batch: TrainBatch, cfg: RunConfig) -> dict:
+    """Advantages and the learner update for one batch; returns learner + advantage metrics."""
+    a, R, G = cfg.algo, cfg.learner.num_ranks, cfg.rollout.group_size
+    rows = batch.size // R
+    tensors_only = batch.with_(step_rewards=None, step_ends=None)  # the ranks need no step lists
+    shards = [tensors_only.select(slice(r * rows, (r + 1) * rows)) for r in range(R)]
+    prep = ray.get([lr.prepare.remote(s) for lr, s in zip(actors.learners, shards)])
+    adv, rewards = advantages(batch, prep, cfg)
     denoms = minibatch_denoms(batch, R, a.mini_batches)
     out = mean_dicts(ray.get([lr.update.remote(adv[r * rows:(r + 1) * rows], denoms) for r, lr in enumerate(actors.learners)]))
     valid = batch.response_mask.sum(1) > 0
@@ -111,8 +121,8 @@ def learn(actors: Actors, batch: TrainBatch, cfg: RunConfig) -> dict:
         out["adv/mean"], out["adv/std"] = float(seq_adv[valid].mean()), float(seq_adv[valid].std())
     out.update(grpo.group_stats(rewards, G))
     if a.advantage == "process":  # zero variance means: no step reward differs within the group
-        flat = [batch.step_rewards[k:k + G] for k in range(0, batch.size, G)]
-        out["zero_variance_frac"] = sum(not grpo.process_group_informative(g) for g in flat) / len(flat)
+        per_group = [batch.step_rewards[k:k + G] for k in range(0, batch.size, G)]
+        out["zero_variance_frac"] = sum(not grpo.process_group_informative(g) for g in per_group) / len(per_group)
         counts = [len(rs) for rs in batch.step_rewards if rs]
         out["process/steps_mean"] = sum(counts) / max(1, len(counts))  # steps per scored sample
     return out

@@ -279,3 +279,33 @@ def test_score_cli_process_config(tmp_path, capsys):
     recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [r["step_rewards"] for r in recs] == [[1.0, 1.0, 1.5], [1.0, 0.0, 0.5]]
     assert [r["reward"] for r in recs] == [1.5, pytest.approx(1 / 3 + 0.5)]
+
+
+def test_loop_advantages_put_sequence_terms_on_the_last_step(tmp_path, tokenizer):
+    """cluster.train.advantages under algo.advantage 'process': the DAPO overlong penalty of each
+    sample lands on its last step before the group normalisation (no Ray actor is started)."""
+    from troupe.cluster.train import advantages
+
+    good = arith.worked_solution({"question": "67+48"})
+    sloppy = arith.worked_solution({"question": "67+48"}, forget_carry=True)
+    g = _group("67+48", "115", [good, sloppy], tokenizer)
+    [g] = RewardWorker([("arith_steps", 1.0, "process")], timeout_s=5.0, on_failure="zero", step_delimiter=",").score([g])
+    batch = collate_groups([g], pad_id=0)
+    lengths = [len(s.response_ids) for s in g.samples]
+    L = max(lengths)
+    cfg = load_config(_write(tmp_path, f"rollout: {{group_size: 2, prompts_per_step: 1, max_new_tokens: {L}}}\n"
+                                       "learner: {micro_batch_size: 2}\n"
+                                       "algo: {advantage: process, overlong_buffer: 4, overlong_penalty: 1.0}\n"
+                                       "reward: {step_delimiter: ',', functions: [{name: arith_steps, kind: process}]}\n"))
+    adv, rewards = advantages(batch, [], cfg)
+    # DAPO ramp: L_i > L - 4 gets (L - 4 - L_i) / 4
+    pen = [min(0.0, (L - 4 - n) / 4) for n in lengths]
+    assert pen[lengths.index(L)] == -1.0
+    expected = grpo.process_advantages([[1.0, 1.0, 1.0 + pen[0]], [1.0, 0.0, 0.0 + pen[1]]], batch.step_ends, 2,
+                                       batch.response_len) * batch.response_mask
+    assert torch.allclose(adv, expected)
+    assert rewards.tolist() == pytest.approx([1.0 + pen[0], 1 / 3 + pen[1]])
+    # the same batch under outcome GRPO: one advantage per sample, broadcast over its tokens
+    cfg_outcome = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"advantage": "grpo"})})
+    adv_o, _ = advantages(batch, [], cfg_outcome)
+    assert adv_o[0, 0] > 0 > adv_o[1, 0] and (adv_o[0, :lengths[0]] == adv_o[0, 0]).all()
