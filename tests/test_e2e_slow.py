@@ -152,7 +152,9 @@ def test_process_supervision_end_to_end(tmp_path):
     # the graded length reward (an outcome function, added to the last step) keeps every group
     # informative while the tiny model still gets most column sums wrong
     rewards = f"reward.functions=[{{name: arith_steps, kind: process}}, {{name: '{LENGTH}', weight: 0.01}}]"
-    run_dir, summary = _run(tmp_path, "process", TINY + ["steps=2", "sft.steps=120", rewards], "configs/arith_process_cpu.yaml")
+    # with DAPO dynamic sampling on step rewards and a k2 KL in the reward (on the last step)
+    extra = ["algo.dynamic_sampling=true", "algo.kl_coef=0.01", "algo.kl_in=reward", "algo.kl_estimator=k2"]
+    run_dir, summary = _run(tmp_path, "process", TINY + ["steps=2", "sft.steps=120", rewards, *extra], "configs/arith_process_cpu.yaml")
     steps = [r for r in _records(run_dir) if r.get("step", 0) >= 1 and not r.get("final")]
     assert [r["step"] for r in steps] == [1, 2] and summary["policy_version"] == 2
     for r in steps:
@@ -161,4 +163,6 @@ def test_process_supervision_end_to_end(tmp_path):
         assert "reward/arith_steps_mean" in r and r["zero_variance_frac"] < 1.0
         assert r["grad_norm"] > 0 and math.isfinite(r["loss"])
         assert r["sync/logprob_max_diff"] < 1e-3
+        assert "dynamic/refill_rounds" in r
+    assert any(r["kl_ref"] > 0 for r in steps)  # the reference model was loaded and measured
     assert "arith_steps" in (run_dir / "eval_final.jsonl").read_text().splitlines()[0]

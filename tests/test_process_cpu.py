@@ -309,3 +309,27 @@ def test_loop_advantages_put_sequence_terms_on_the_last_step(tmp_path, tokenizer
     cfg_outcome = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"advantage": "grpo"})})
     adv_o, _ = advantages(batch, [], cfg_outcome)
     assert adv_o[0, 0] > 0 > adv_o[1, 0] and (adv_o[0, :lengths[0]] == adv_o[0, 0]).all()
+
+
+def test_loop_advantages_put_kl_in_reward_on_the_last_step(tmp_path, tokenizer):
+    """kl_in 'reward' under process supervision: -kl_coef * sum_t KL_t of each sample is added to
+    its last step (k1 with hand-picked log-probs, so the KL sums are exact)."""
+    from troupe.cluster.train import advantages
+
+    good = arith.worked_solution({"question": "67+48"})
+    sloppy = arith.worked_solution({"question": "67+48"}, forget_carry=True)
+    g = _group("67+48", "115", [good, sloppy], tokenizer)
+    [g] = RewardWorker([("arith_steps", 1.0, "process")], timeout_s=5.0, on_failure="zero", step_delimiter=",").score([g])
+    batch = collate_groups([g], pad_id=0)
+    cfg = load_config(_write(tmp_path, "rollout: {group_size: 2, prompts_per_step: 1, max_new_tokens: 64}\n"
+                                       "learner: {micro_batch_size: 2}\n"
+                                       "algo: {advantage: process, kl_coef: 0.5, kl_in: reward, kl_estimator: k1}\n"
+                                       "reward: {step_delimiter: ',', functions: [{name: arith_steps, kind: process}]}\n"))
+    old = torch.full((2, batch.response_len), -1.0)
+    ref = torch.full((2, batch.response_len), -1.25)  # k1 = old - ref = 0.25 per token
+    adv, rewards = advantages(batch, [{"old_logprobs": old, "ref_logprobs": ref}], cfg)
+    kl = [0.5 * 0.25 * len(s.response_ids) for s in g.samples]  # kl_coef * sum over the sample's tokens
+    expected = grpo.process_advantages([[1.0, 1.0, 1.0 - kl[0]], [1.0, 0.0, 0.0 - kl[1]]], batch.step_ends, 2,
+                                       batch.response_len) * batch.response_mask
+    assert torch.allclose(adv, expected)
+    assert rewards.tolist() == pytest.approx([1.0 - kl[0], 1 / 3 - kl[1]])
