@@ -15,8 +15,9 @@ Fault tolerance, in three layers:
    restarted process too, the actor was killed with ``no_restart``, or its node is gone), the
    pool replaces the actor, resubmits the batch once and counts ``failures["worker_restart"]``
    on its first group. If the batch kills that worker as well (a reward function that crashes
-   the process on some input, every time), it is returned scored as failed: every part of
-   every sample counts as ``"exception"`` (reward 0 or None by ``on_failure``) and the first
+   the process on some input, every time), its groups are scored one per task: the others get
+   their scores, and a group that kills the worker again is returned scored as failed: every
+   part of every sample counts as ``"exception"`` (reward 0 or None by ``on_failure``) and the
    group carries ``failures["worker_died"] = 1``. The run goes on.
 3. Pool, wedged worker: per-call timeouts in ``troupe.reward.scoring`` are thread-based,
    and a thread stuck in C code that holds the GIL (a huge integer power, a catastrophic
@@ -28,8 +29,8 @@ Fault tolerance, in three layers:
    sample counts as ``"timeout"`` (reward 0 or None by ``on_failure``) and the first group
    carries ``failures["worker_wedged"] = 1``.
 
-A batch that kills its worker is thus tried at most four times (two processes of the first
-actor, two of its replacement) before it is scored as failed. ``max_task_retries=-1`` (Ray's
+A group that kills its worker is thus tried at most six times (twice in its batch on the first
+actor and on its replacement, twice alone) before it is scored as failed. ``max_task_retries=-1`` (Ray's
 unlimited retries) would instead retry such a batch forever.
 """
 
@@ -376,6 +377,20 @@ class RewardPool:
             out[0].failures[flag] = out[0].failures.get(flag, 0) + 1
         return out
 
+    def _one_group_at_a_time(self, idx: int, groups: list[Group], deadline: Optional[float]) -> list[Group]:
+        """Score ``groups`` one group per task on slot ``idx``, so that only a group that kills
+        (or wedges) the worker is scored as failed; each such group costs a worker replacement."""
+        out: list[Group] = []
+        for g in groups:
+            actor = self._workers[idx]
+            try:
+                out += self._wait(self._send(idx, [g]), actor, deadline)
+            except (RayActorError, _Wedged) as e:
+                self._replace_worker(idx, actor)
+                wedged = isinstance(e, _Wedged)
+                out += self._failed_batch([g], "timeout" if wedged else "exception", "worker_wedged" if wedged else "worker_died")
+        return out
+
     def _failed_steps(self, g: Group) -> list[Optional[list[float]]]:
         if self._on_failure == "exclude":
             return [None] * len(g.samples)
@@ -408,9 +423,9 @@ class RewardPool:
                 return self._failed_batch(groups, "timeout", "worker_wedged")
             except RayActorError as e2:
                 logger.error("reward batch of %d groups killed its worker again (%s): a reward function may be "
-                             "crashing the worker process; scoring the batch as failed", len(groups), e2)
+                             "crashing the worker process; scoring its groups one by one", len(groups), e2)
                 self._replace_worker(idx, retry_actor)
-                return self._failed_batch(groups, "exception", "worker_died")
+                return self._one_group_at_a_time(idx, groups, deadline)
             if out:
                 out[0].failures["worker_restart"] = out[0].failures.get("worker_restart", 0) + 1
             return out

@@ -330,18 +330,19 @@ def test_pool_recovers_from_wedged_worker(ray_local):
         pool.shutdown()
 
 
-def test_pool_scores_a_worker_killing_batch_as_failed(ray_local):
+def test_pool_scores_only_the_worker_killing_group_as_failed(ray_local):
     """A reward function that kills the process on one input, every time: the batch is tried on
-    two restarted processes and a replacement worker, then scored as failed; the run goes on."""
+    two restarted processes and a replacement worker, then group by group; only the killing group
+    is scored as failed, the others keep their scores, and the run goes on."""
     from troupe.reward.pool import RewardPool
 
     pool = RewardPool(_cfg([("reward_plugins:kill_on_kill", 1.0)], num_workers=1))
     try:
-        bad = pool.submit(_text_groups([["ok", "kill"], ["ok", "ok"]]))
-        failed = pool.get(bad, timeout=300)
-        assert [g.rewards for g in failed] == [[0.0, 0.0], [0.0, 0.0]]
-        assert failed[0].failures == {"exception": 2, "worker_died": 1}
-        assert failed[1].failures == {"exception": 2}
+        bad = pool.submit(_text_groups([["ok", "ok"], ["ok", "kill"], ["ok", "ok"]]))
+        out = pool.get(bad, timeout=300)
+        assert [g.rewards for g in out] == [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]
+        assert out[1].failures == {"exception": 2, "worker_died": 1}
+        assert out[0].failures == {} and out[2].failures.keys() <= {"worker_restart"}
         assert pool.score_now(_text_groups([["ok", "ok"]]))[0].rewards == [1.0, 1.0]  # still serving
     finally:
         pool.shutdown()
