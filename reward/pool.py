@@ -30,8 +30,8 @@ Fault tolerance, in three layers:
    carries ``failures["worker_wedged"] = 1``.
 
 A group that kills its worker is thus tried at most six times (twice in its batch on the first
-actor and on its replacement, twice alone) before it is scored as failed. ``max_task_retries=-1`` (Ray's
-unlimited retries) would instead retry such a batch forever.
+actor and on its replacement, twice alone) before it is scored as failed.
+``max_task_retries=-1`` (Ray's unlimited retries) would instead retry such a batch forever.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from troupe.configs.schema import RewardConfig
 from troupe.reward.registry import load_reward_function
 from troupe.reward.scoring import part_names, score_batch
-from troupe.rollout.steps import split_steps
+from troupe.rollout.steps import step_texts
 from troupe.rollout.types import Group
 
 __all__ = ["RewardPool", "RewardWorker", "function_specs", "part_names"]
@@ -75,7 +75,7 @@ class RewardWorker:
         timeout_s: per-sample timeout (RewardConfig.timeout_s).
         on_failure: ``"zero"`` or ``"exclude"`` (RewardConfig.on_failure).
         step_delimiter: where completions are cut into steps for process functions
-            (RewardConfig.step_delimiter, ``troupe.rollout.steps.split_steps``).
+            (RewardConfig.step_delimiter, ``troupe.rollout.steps.step_texts``).
     Raises:
         ValueError: a spec cannot be loaded (message names the spec), or a kind is unknown.
     """
@@ -127,8 +127,8 @@ class RewardWorker:
 
         Sets on each group: ``rewards`` ([G] combined reward or None), ``reward_parts``
         (name -> [G]), ``step_rewards`` (process functions only: [G] per-step lists, the
-        completions cut by ``split_steps``), and adds to ``failures``: counts per cause (``exception``, ``timeout``,
-        ``nan``, ``type``; per function-sample pair), ``none`` (function returned None: not a
+        completions cut by ``step_texts``), and adds to ``failures``: counts per cause
+        (``exception``, ``timeout``, ``nan``, ``type``; per function-sample pair), ``none`` (function returned None: not a
         failure, the sample is left out of group statistics) and ``worker_restart``.
 
         Args:
@@ -154,7 +154,7 @@ class RewardWorker:
                 timeout_s=self._timeout_s,
                 on_failure=self._on_failure,
                 process=self._process,
-                steps=[[t for t, _ in split_steps(s.text, self._step_delimiter)] for s in g.samples] if self._process else None,
+                steps=[step_texts(s.text, self._step_delimiter) for s in g.samples] if self._process else None,
             )
             g.rewards = res.rewards
             g.reward_parts = res.parts
@@ -388,13 +388,14 @@ class RewardPool:
             except (RayActorError, _Wedged) as e:
                 self._replace_worker(idx, actor)
                 wedged = isinstance(e, _Wedged)
-                out += self._failed_batch([g], "timeout" if wedged else "exception", "worker_wedged" if wedged else "worker_died")
+                cause, flag = ("timeout", "worker_wedged") if wedged else ("exception", "worker_died")
+                out += self._failed_batch([g], cause, flag)
         return out
 
     def _failed_steps(self, g: Group) -> list[Optional[list[float]]]:
         if self._on_failure == "exclude":
             return [None] * len(g.samples)
-        return [[0.0] * len(split_steps(smp.text, self._step_delimiter)) for smp in g.samples]
+        return [[0.0] * len(step_texts(smp.text, self._step_delimiter)) for smp in g.samples]
 
     def _get_one(self, ref: ray.ObjectRef, timeout: Optional[float]) -> list[Group]:
         deadline = None if timeout is None else time.monotonic() + timeout

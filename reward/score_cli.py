@@ -15,7 +15,8 @@ of the preset split (default split ``test``), and the default reward is the pres
 
 Writes one JSON line per input row: ``{"index", "reward", "parts", "failure"}`` (``failure``:
 function name -> cause, or null; with process reward functions in ``--config`` also
-``step_rewards``, the completion cut at ``reward.step_delimiter``) to ``--out`` (or stdout), and a summary (rows, mean reward,
+``step_rewards``, the completion cut at ``reward.step_delimiter``) to ``--out`` (or stdout),
+and a summary (rows, mean reward,
 per-function means, failures by cause) to stdout (stderr when the rows go to stdout).
 Exit status: 0 on success, 2 on bad input (message on stderr).
 """
@@ -248,9 +249,9 @@ def _score(args: argparse.Namespace) -> int:
     process = {fns[i][0] for i in process_idx}
     steps = None
     if process:
-        from troupe.rollout.steps import split_steps
+        from troupe.rollout.steps import step_texts
 
-        steps = [[t for t, _ in split_steps(str(c), delimiter)] for c in completions]
+        steps = [step_texts(str(c), delimiter) for c in completions]
     res = score_batch(fns, prompts, completions, columns, timeout_s=timeout, on_failure=on_failure,
                       process=process, steps=steps)
 

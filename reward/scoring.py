@@ -35,13 +35,13 @@ Failure counts are per (function, sample) pair: a sample on which two functions 
 twice.
 
 Process reward functions (names in ``process``; DeepSeekMath 4.1.3 process supervision) get
-one more keyword, ``steps`` ([N] lists of step texts, ``troupe.rollout.steps.split_steps``), and
+one more keyword, ``steps`` ([N] lists of step texts, ``troupe.rollout.steps.step_texts``), and
 return per completion a list with one score per step (None for a step = no score for that
 step, NaN in ``step_rewards``; a list of only None = no score for the sample). A list of the
 wrong length counts as ``"type"``, a NaN or inf element as ``"nan"``. They fill
 ``ScoreResult.step_rewards``: ``step_rewards[i][j] = sum_{f process} weight_f * s_f[i][j]``
-plus, on the last step, the outcome functions' weighted sum (which replaces a NaN last step). Their part score (and their share
-of ``reward[i]``) is the mean of their valid step scores.
+plus, on the last step, the outcome functions' weighted sum (which replaces a NaN last step).
+Their part score (and their share of ``reward[i]``) is the mean of their valid step scores.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["decoded_prefix_lengths", "split_steps", "step_token_ends"]
+__all__ = ["decoded_prefix_lengths", "split_steps", "step_texts", "step_token_ends"]
 
 
 def split_steps(text: str, delimiter: str) -> list[tuple[str, int]]:
@@ -56,18 +56,23 @@ def split_steps(text: str, delimiter: str) -> list[tuple[str, int]]:
     return steps or [(text, len(text))]
 
 
+def step_texts(text: str, delimiter: str) -> list[str]:
+    """The step texts of ``split_steps(text, delimiter)`` (what process reward functions get)."""
+    return [t for t, _ in split_steps(text, delimiter)]
+
+
 def step_token_ends(decoded_len: Callable[[int], int], num_tokens: int, char_ends: list[int]) -> list[int]:
     """Index of the last response token of each step.
 
     Step j ends at the first token t whose decoded prefix ``ids[:t+1]`` is at least
     ``char_ends[j]`` characters long (the token that completes the step's delimiter); the last
-    step always ends at ``num_tokens - 1``. Found by binary search, O(steps * log T) decodes.
+    step always ends at ``num_tokens - 1``. Found by binary search, O(steps * log T) calls of
+    ``decoded_len``.
 
     Args:
         decoded_len: k -> length of the decoded text of the first k response tokens (the
-            engine's tokenizer, ``skip_special_tokens=True`` as vLLM decodes); must be
-            non-decreasing in k (a prefix cut inside a multi-byte character may decode to a
-            replacement character; the search tolerates small bumps).
+            engine's tokenizer, ``skip_special_tokens=True`` as vLLM decodes), non-decreasing
+            in k; ``decoded_prefix_lengths(...).__getitem__``.
         num_tokens: R >= 1, response tokens of the sample.
         char_ends: ``[c for _, c in split_steps(text, delimiter)]``.
     Returns:
@@ -101,8 +106,8 @@ def decoded_prefix_lengths(tokenizer, ids: list[int]) -> list[int]:
     Uses the incremental detokenizer of the ``tokenizers`` library (``DecodeStream``, as vLLM's
     fast detokenizer does) with ``skip_special_tokens=True``, so the cost is O(R) instead of the
     O(R^2) of decoding each prefix (measured on the demo tokenizer, a 1024-token response with
-    41 steps: 59 ms per sample with prefix decodes and binary search, 1 ms with this). A token that ends inside a multi-byte character adds 0
-    until the character completes. Tokenizers without a fast backend fall back to decoding each
+    41 steps: 59 ms per sample with prefix decodes and binary search, 1 ms with this). A token
+    that ends inside a multi-byte character adds 0 until the character completes. Tokenizers without a fast backend fall back to decoding each
     prefix.
 
     Args:
