@@ -4,7 +4,7 @@ What it measures (on the local machine, real Ray, no GPU needed):
 
 1. Throughput (samples/s) of the reward pool with 1 and 2 workers on the GSM8K test split
    (1319 prompts, the gold solution as each of 8 completions per prompt = group size 8,
-   reward ``gsm8k`` + ``format``), plus an in-process ``score_batch`` baseline (no Ray).
+   reward ``gsm8k`` + ``format``), plus an in-process ``RewardSet.score`` baseline (no Ray).
    The same on MATH-500 with the ``math`` (math-verify) reward, a CPU-heavy verifier where
    a second worker matters.
 2. A simulated producer ("generation") that makes one batch of groups every ``period``
@@ -33,10 +33,9 @@ import ray
 
 from troupe.configs.schema import RewardConfig, RewardFunctionConfig
 from troupe.reward.pool import RewardPool
-from troupe.reward.registry import load_reward_function
-from troupe.reward.scoring import score_batch
+from troupe.reward.scoring import RewardSet
 from troupe.rollout.data import load_preset
-from troupe.rollout.types import Group, Prompt, Sample
+from troupe.core.types import Group, Prompt, Sample
 
 GROUP_SIZE = 8
 BATCH_GROUPS = 32  # groups per submitted batch (256 samples)
@@ -66,22 +65,17 @@ def _cfg(functions: list[str], workers: int) -> RewardConfig:
 
 
 def bench_in_process(groups: list[Group], functions: list[str], repeats: int) -> tuple[float, float]:
-    """(best seconds over ``repeats``, mean reward) scoring every group with score_batch here."""
-    fns = [(f, load_reward_function(f), 1.0) for f in functions]
+    """(best seconds over ``repeats``, mean reward) scoring every group with a RewardSet here."""
+    rewards = RewardSet(_cfg(functions, 1))
     g = groups[0]  # warm up (imports sympy for math), as the pool runs do
-    score_batch(fns, [g.prompt.question], [g.samples[0].text], {"answer": [g.prompt.answer]}, timeout_s=30.0, on_failure="zero")
+    rewards.score([g.prompt.question], [g.samples[0].text], {"answer": [g.prompt.answer]})
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         total, n = 0.0, 0
         for g in groups:
-            res = score_batch(
-                fns,
-                [g.prompt.question] * g.size,
-                [s.text for s in g.samples],
-                {"answer": [g.prompt.answer] * g.size},
-                timeout_s=30.0,
-                on_failure="zero",
+            res = rewards.score(
+                [g.prompt.question] * g.size, [s.text for s in g.samples], {"answer": [g.prompt.answer] * g.size}
             )
             total += sum(r for r in res.rewards if r is not None)
             n += g.size
@@ -174,8 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         prod = bench_producer(gsm, gsm_fns, 2, args.period, args.batches)
     finally:
         ray.shutdown()
-    load_after = os.getloadavg()[0]
+    text = _report(args, rows, prod, load_before, os.getloadavg()[0])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return 0
 
+
+def _report(args: argparse.Namespace, rows: list[tuple], prod: dict, load_before: float, load_after: float) -> str:
+    """The markdown results: the throughput table and the producer comparison."""
     lines = [
         "# Reward scoring throughput",
         "",
@@ -214,12 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Last scored batch arrived {prod['drain_after_last_submit']:.3f} s after the last submit.",
         "",
     ]
-    text = "\n".join(lines)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``troupe`` script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "score":
-        from troupe.reward.score_cli import main as score_main
+        from troupe.cluster.score_cli import main as score_main
 
         return score_main(argv[1:])
     args = _parse(argv)
@@ -118,7 +118,7 @@ def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], add
     say(f"{cfg.rollout.num_engines} engine(s), {cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage}), "
         f"{cfg.reward.num_workers} reward worker(s) ready in {timings['actor_start_seconds']:.0f} s")
     try:
-        summary = train(cfg, run_dir, actors, prompts, eval_prompts, tok.pad_token_id or 0, prompt_stream(prompts, cfg.seed), say)
+        summary = train(cfg, run_dir, actors, eval_prompts, tok.pad_token_id or 0, prompt_stream(prompts, cfg.seed), say)
     finally:
         actors.shutdown()
         ray.shutdown()

@@ -10,7 +10,7 @@ import statistics
 import time
 from pathlib import Path
 
-from troupe.rollout.types import Group
+from troupe.core.types import Group
 
 # reward function names whose mean is reported as "accuracy"
 ACCURACY_REWARDS = ("accuracy", "gsm8k", "math")

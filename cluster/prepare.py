@@ -1,35 +1,56 @@
 """Everything a run needs before actors start: data rows, the model directory, cold-start SFT.
 
-Data rows are read and checked here (a bad row fails with file:line before Ray starts).
+Data rows are read and checked here (a bad row fails with file:line before Ray starts); a
+data-source plugin (``data.source: "package.module:object"``, ``troupe.rollout.data.DataSource``)
+is loaded by name and its ``data.options`` validated, so ``troupe check`` catches a bad option.
 ``builtin:qwen2-tiny`` is built locally (tokenizer trained on the task's text, random Qwen2);
-with ``sft.enabled`` the model is fine-tuned on worked solutions first (DeepSeek-R1's cold
-start) and GRPO starts from that checkpoint.
+with ``sft.enabled`` the model is fine-tuned on the plugin's cold-start examples first
+(DeepSeek-R1's cold start) and GRPO starts from that checkpoint.
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
 from troupe.configs.schema import RunConfig
-from troupe.rollout import arith
-from troupe.rollout.data import load_rows
+from troupe.rollout.data import DataError, check_rows, load_data_source, load_rows, source_options
+from troupe.rollout.prompts import format_prompt
+
+TOKENIZER_ROWS = 5000
+"""Training rows whose text the locally built tokenizer is trained on."""
+
+
+def data_source(cfg: RunConfig) -> tuple[Any, Any]:
+    """The plugin named by ``data.source`` and its validated ``data.options``.
+
+    Raises ``DataError`` naming ``data.source`` / ``data.options.<key>``, or ``sft.enabled`` when
+    the plugin has no ``cold_start``.
+    """
+    source = load_data_source(cfg.data.source)
+    options = source_options(source, cfg.data.options)
+    if cfg.sft.enabled and not callable(getattr(source, "cold_start", None)):
+        raise DataError(f"sft.enabled: data.source {cfg.data.source!r} has no cold_start(rows, options, seed) "
+                        "to make cold-start examples; set sft.enabled: false")
+    return source, options
 
 
 def load_task(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows), each a dict with "question", "answer" and other columns.
 
-    Held-out rows come from ``data.eval_path`` when set, else the last ``data.num_eval`` rows of
-    the (shuffled, seeded) training file, which are then removed from training.
-    Raises ``troupe.rollout.data.DataError`` (file:line, field) on a bad row.
+    A data-source plugin generates both. For files, held-out rows come from ``data.eval_path``
+    when set, else the last ``data.num_eval`` rows of the (shuffled, seeded) training file,
+    which are then removed from training.
+    Raises ``troupe.rollout.data.DataError`` (data.source, data.options.<key>, or file:line and
+    field) on a bad source, option or row.
     """
     d = cfg.data
-    if d.source == "arith":
-        kw = dict(num_operands=d.arith_num_operands, min_operand=d.arith_min_operand)
-        train = arith.arith_rows(d.arith_num_train, cfg.seed, d.arith_max_operand, "train", **kw)
-        held = arith.arith_rows(d.num_eval, cfg.seed, d.arith_max_operand, "eval", **kw)
-        return train, held
+    if d.is_plugin:
+        source, options = data_source(cfg)
+        train, held = source.rows(options, cfg.seed, d.num_eval)
+        where = f"data.source {d.source!r}:"
+        return check_rows(train, f"{where} train row"), check_rows(held, f"{where} held-out row")
     rows = load_rows(d.path, d.source, prompt_field=d.prompt_field, answer_field=d.answer_field,
                      max_rows=d.max_train_rows)
     if d.eval_path:
@@ -43,6 +64,38 @@ def load_task(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
     return rows[:len(rows) - d.num_eval], rows[len(rows) - d.num_eval:]
 
 
+def _prompt(cfg: RunConfig, question: str) -> str:
+    return format_prompt(question, cfg.data.prompt_format, cfg.data.system_prompt)
+
+
+def tokenizer_corpus(cfg: RunConfig, train_rows: list[dict], source: Optional[Any]) -> list[str]:
+    """Texts the builtin model's tokenizer is trained on: the prompts, then the plugin's
+    ``tokenizer_corpus`` (e.g. worked solutions) or else the answers and the R1 tags."""
+    rows = train_rows[:TOKENIZER_ROWS]
+    corpus = [_prompt(cfg, r["question"]) for r in rows]
+    extra = getattr(source, "tokenizer_corpus", None)
+    if callable(extra):
+        return corpus + list(extra(rows))
+    return corpus + [str(r["answer"]) for r in rows] + ["<think></think><answer></answer>"]
+
+
+def cold_start_examples(cfg: RunConfig, train_rows: list[dict], source: Any, options: Any) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs for the cold-start SFT: the plugin's ``cold_start`` on the first
+    ``sft.num_examples`` training rows, each question formatted as an RL prompt."""
+    pairs = source.cold_start(train_rows[:cfg.sft.num_examples], options, cfg.seed)
+    return [(_prompt(cfg, q), completion) for q, completion in pairs]
+
+
+def _build_model(cfg: RunConfig, run_dir: Path, corpus: list[str]) -> str:
+    from troupe.learner.tiny_model import build_tiny_model
+
+    m = cfg.model
+    return build_tiny_model(str(run_dir / "model_init"), corpus, hidden_size=m.hidden_size, num_layers=m.num_layers,
+                            num_heads=m.num_heads, num_kv_heads=max(1, m.num_heads // 2),
+                            intermediate_size=m.intermediate_size,
+                            max_position_embeddings=max(512, cfg.rollout.max_model_len), seed=cfg.seed)
+
+
 def prepare_model(cfg: RunConfig, run_dir: Path, train_rows: list[dict], log: Callable[[str], None]) -> tuple[str, dict]:
     """The model directory GRPO starts from (built and/or SFT-trained as the config says).
 
@@ -50,28 +103,15 @@ def prepare_model(cfg: RunConfig, run_dir: Path, train_rows: list[dict], log: Ca
     """
     info: dict = {}
     path = cfg.model.path
-    d = cfg.data
-    fmt = lambda q: (d.system_prompt + "\n" if d.system_prompt else "") + d.prompt_format.format(question=q)  # noqa: E731
+    source, options = data_source(cfg) if cfg.data.is_plugin else (None, None)
     if path.startswith("builtin:"):
-        from troupe.learner.tiny_model import build_tiny_model
-
-        corpus = [fmt(r["question"]) for r in train_rows[:5000]]
-        if d.source == "arith":
-            corpus += [arith.worked_solution(r) for r in train_rows[:5000]]
-        else:
-            corpus += [str(r["answer"]) for r in train_rows[:5000]] + ["<think></think><answer></answer>"]
-        m = cfg.model
-        path = build_tiny_model(str(run_dir / "model_init"), corpus, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                                num_heads=m.num_heads, num_kv_heads=max(1, m.num_heads // 2),
-                                intermediate_size=m.intermediate_size,
-                                max_position_embeddings=max(512, cfg.rollout.max_model_len), seed=cfg.seed)
+        path = _build_model(cfg, run_dir, tokenizer_corpus(cfg, train_rows, source))
         log(f"built {cfg.model.path} at {path}")
     if cfg.sft.enabled:
         from troupe.learner.sft import run_sft
 
         s = cfg.sft
-        examples = [(fmt(q), sol) for q, sol in arith.cold_start_examples(
-            train_rows[:s.num_examples], prompt_format="{question}", carry_slip=s.carry_slip, triples=s.triples, seed=cfg.seed)]
+        examples = cold_start_examples(cfg, train_rows, source, options)
         out = str(run_dir / "checkpoints" / "sft")
         res = run_sft(path, examples, out, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=cfg.seed, log=log)
         info["sft"] = res

@@ -15,10 +15,12 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from troupe.cluster.learners import LearnerGroup
 from troupe.configs.schema import RunConfig
 from troupe.learner.zero import LearnerRank
 from troupe.reward.pool import RewardPool
 from troupe.rollout.engine import RolloutEngine
+from troupe.rollout.engines import EngineGroup
 
 
 def init_ray(cfg: RunConfig, address: str | None, dashboard: bool = False) -> None:
@@ -56,10 +58,10 @@ def _bundle_ip(pg, index: int) -> str:
 
 @dataclass
 class Actors:
-    """Handles of a run's actors."""
+    """A run's actors: the engine group, the learner group, the reward pool, and their placement group."""
 
-    engines: list
-    learners: list
+    engines: EngineGroup
+    learners: LearnerGroup
     rewards: RewardPool
     pg: object
 
@@ -69,10 +71,32 @@ class Actors:
 
     def shutdown(self) -> None:
         """Kill the actors and free the placement group."""
-        for a in self.engines + self.learners:
-            ray.kill(a)
+        self.engines.shutdown()
+        self.learners.shutdown()
         self.rewards.shutdown()
         remove_placement_group(self.pg)
+
+
+def _bundles(cfg: RunConfig) -> list[dict]:
+    """One placement-group bundle per engine, then one per learner rank."""
+    gpu = cfg.device == "gpu"
+    ro, lc = cfg.rollout, cfg.learner
+    bundles = [{"CPU": ro.num_cpus_per_engine, **({"GPU": ro.num_gpus_per_engine} if gpu else {})}
+               for _ in range(ro.num_engines)]
+    bundles += [{"CPU": lc.num_cpus_per_rank, **({"GPU": lc.num_gpus_per_rank} if gpu else {})}
+                for _ in range(lc.num_ranks)]
+    return [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
+
+
+def _actor_env(cfg: RunConfig) -> dict:
+    """runtime_env of engines and ranks: thread counts and the KV cache on CPU, quiet vLLM logs."""
+    # vLLM logs a benign per-reload warning for every weight-less module (rotary embedding): keep
+    # engine logs at ERROR unless the user set VLLM_LOGGING_LEVEL
+    env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
+    if cfg.device == "cpu":
+        env.update(VLLM_CPU_KVCACHE_SPACE=str(max(1, int(round(cfg.rollout.kv_cache_gib)))), DS_ACCELERATOR="cpu",
+                   OMP_NUM_THREADS=str(cfg.learner.torch_threads))
+    return {"env_vars": env}
 
 
 def start_actors(cfg: RunConfig, model_path: str) -> Actors:
@@ -81,45 +105,24 @@ def start_actors(cfg: RunConfig, model_path: str) -> Actors:
     Blocks until all are ready. Raises ``TimeoutError`` if the placement group cannot be
     reserved in 120 s (the message lists what was asked for).
     """
-    gpu = cfg.device == "gpu"
-    ro, lc = cfg.rollout, cfg.learner
-    bundles = [{"CPU": ro.num_cpus_per_engine, **({"GPU": ro.num_gpus_per_engine} if gpu else {})}
-               for _ in range(ro.num_engines)]
-    bundles += [{"CPU": lc.num_cpus_per_rank, **({"GPU": lc.num_gpus_per_rank} if gpu else {})}
-                for _ in range(lc.num_ranks)]
-    bundles = [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
+    bundles = _bundles(cfg)
     pg = placement_group(bundles, strategy="PACK")
     if not pg.wait(timeout_seconds=120):
         raise TimeoutError(f"placement group {bundles} could not be reserved; cluster has {ray.cluster_resources()}")
 
-    def strat(i: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+    def opts(i: int) -> dict:
+        return dict(num_cpus=bundles[i].get("CPU", 0), num_gpus=bundles[i].get("GPU", 0), runtime_env=_actor_env(cfg),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i))
 
-    # vLLM logs a benign per-reload warning for every weight-less module (rotary embedding): keep
-    # engine logs at ERROR unless the user set VLLM_LOGGING_LEVEL
-    log_env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
-    cpu_env = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(ro.kv_cache_gib)))),
-                            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(lc.torch_threads), **log_env}} \
-        if not gpu else {"env_vars": log_env}
-    Engine = ray.remote(RolloutEngine)
-    engines = [
-        Engine.options(num_cpus=bundles[i].get("CPU", 0), num_gpus=bundles[i].get("GPU", 0), scheduling_strategy=strat(i),
-                       runtime_env=cpu_env).remote(
-            model_path, dtype=cfg.model.dtype, max_model_len=ro.max_model_len, seed=cfg.seed + 1000 * i,
-            device=cfg.device, kv_cache_gib=ro.kv_cache_gib, gpu_memory_utilization=ro.gpu_memory_utilization,
-            enforce_eager=ro.enforce_eager, tensor_parallel_size=max(1, int(ro.num_gpus_per_engine)))
-        for i in range(ro.num_engines)
-    ]
-    Learner = ray.remote(LearnerRank)
-    master_addr, master_port = _bundle_ip(pg, ro.num_engines), _free_port()
-    per_rank = cfg.batch_size // lc.num_ranks
-    learners = [
-        Learner.options(num_cpus=bundles[ro.num_engines + r].get("CPU", 0), num_gpus=bundles[ro.num_engines + r].get("GPU", 0),
-                        scheduling_strategy=strat(ro.num_engines + r), runtime_env=cpu_env).remote(
-            r, lc.num_ranks, master_addr, master_port, model_path, cfg.model_dump(mode="json"),
-            per_rank // cfg.algo.mini_batches)
-        for r in range(lc.num_ranks)
-    ]
+    E, n = cfg.rollout.num_engines, cfg.learner.num_ranks
+    Engine, Learner = ray.remote(RolloutEngine), ray.remote(LearnerRank)
+    engines = EngineGroup([Engine.options(**opts(i)).remote(model_path, cfg.rollout, dtype=cfg.model.dtype,
+                                                            seed=cfg.seed + 1000 * i, device=cfg.device)
+                           for i in range(E)])
+    master_addr, master_port = _bundle_ip(pg, E), _free_port()
+    learners = LearnerGroup([Learner.options(**opts(E + r)).remote(r, n, master_addr, master_port, model_path, cfg)
+                             for r in range(n)])
     rewards = RewardPool(cfg.reward)
-    ray.get([e.ready.remote() for e in engines] + [lr.ready.remote() for lr in learners])
+    engines.ready()
+    learners.ready()
     return Actors(engines, learners, rewards, pg)

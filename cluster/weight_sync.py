@@ -20,20 +20,21 @@ import shutil
 import tempfile
 import time
 
-import ray
+from troupe.cluster.learners import LearnerGroup
+from troupe.rollout.engines import EngineGroup
 
 
 class WeightSync:
     """Moves the learner's full weights into every engine.
 
     Args:
-        learners: Ray handles of ``LearnerRank`` (rank 0 first).
-        engines: Ray handles of ``RolloutEngine``.
+        learners: the ``LearnerGroup`` (the sender).
+        engines: the ``EngineGroup`` (the receivers).
         strategy: "shm" | "object_store" | "auto".
         single_node: whether all actors share a node (decides "auto").
     """
 
-    def __init__(self, learners: list, engines: list, strategy: str, single_node: bool) -> None:
+    def __init__(self, learners: LearnerGroup, engines: EngineGroup, strategy: str, single_node: bool) -> None:
         if strategy == "auto":
             strategy = "shm" if single_node else "object_store"
         self.strategy = strategy
@@ -49,19 +50,16 @@ class WeightSync:
         t0 = time.time()
         if self.strategy == "shm":
             path = os.path.join(self.dir, f"policy-v{version}.safetensors")
-            ray.get([lr.save_weights.remote(path) for lr in self.learners])
+            self.learners.save_weights(path)
             t_send = time.time() - t0
-            results = ray.get([e.load_weights.remote(path, version) for e in self.engines])
-            os.remove(path)
+            try:
+                self.engines.load_weights(path, version)
+            finally:
+                os.remove(path)
         else:
-            refs = [lr.full_state_dict.remote() for lr in self.learners]
-            ray.get(refs[1:])
-            state_ref = refs[0]
+            state_ref = self.learners.state_dict_ref()
             t_send = time.time() - t0
-            results = ray.get([e.load_weights_from_store.remote(state_ref, version, self.dir) for e in self.engines])
-        got = [r["version"] for r in results]
-        if any(v != version for v in got):
-            raise RuntimeError(f"weight sync: engines report versions {got}, expected {version}")
+            self.engines.load_weights_from_store(state_ref, version, self.dir)
         return {"sync_seconds": time.time() - t0, "sync_send_seconds": t_send, "policy_version": version,
                 "sync_strategy": self.strategy}
 

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from troupe.configs.algos import (
+    ADVANTAGE_CONFIGS,
+    POLICY_LOSS_CONFIGS,
+    AdvantageConfig,
+    GRPOAdvantage,
+    PolicyLossConfig,
+    PPOClipLoss,
+)
 
 
 class ConfigError(ValueError):
@@ -32,7 +41,8 @@ class ModelConfig(_Strict):
 
     path: str = Field(
         description="HF model directory (config.json, safetensors, tokenizer), or "
-        "'builtin:<name>' for a model troupe builds locally (see rollout/demo.py)."
+        "'builtin:<name>' for a model troupe builds locally (learner/tiny_model.py; its tokenizer is trained "
+        "on the task's prompts and answers, see cluster/prepare.py)."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Learner and engine dtype. float32 on CPU; bfloat16 on GPU."
@@ -52,11 +62,23 @@ class ModelConfig(_Strict):
         return self
 
 
+FILE_SOURCES = ("jsonl", "parquet")
+"""data.source values read from files; any other value is a plugin spec 'package.module:object'."""
+
+
 class DataConfig(_Strict):
     """Prompt data set and how rows become prompts."""
 
-    source: Literal["jsonl", "parquet", "arith"] = Field(
-        "jsonl", description="'arith' generates the synthetic arithmetic task in-process."
+    source: str = Field(
+        "jsonl",
+        description="'jsonl' or 'parquet' (rows read from data.path), or a data-source plugin "
+        "'package.module:object' that generates its rows (interface: troupe.rollout.data.DataSource; "
+        "e.g. the arithmetic demo 'troupe.demo.arith:ArithTask').",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="A data-source plugin's own settings, validated by its Options model when the data "
+        "is loaded (`troupe check` too); errors name data.options.<key>. Empty for 'jsonl'/'parquet'.",
     )
     path: Optional[str] = Field(None, description="Training file (jsonl/parquet), relative to the config file or absolute.")
     eval_path: Optional[str] = Field(None, description="Held-out file; defaults to a held-out slice of `path`.")
@@ -70,15 +92,24 @@ class DataConfig(_Strict):
     max_prompt_tokens: int = Field(256, ge=8, le=32768, description="Longer prompts are dropped at load (counted).")
     num_eval: int = Field(256, ge=0, le=100000, description="Held-out prompts for the final greedy evaluation.")
     max_train_rows: Optional[int] = Field(None, ge=1, description="Read at most this many training rows.")
-    arith_max_operand: int = Field(99, ge=1, le=10**6, description="'arith' only: largest operand.")
-    arith_min_operand: int = Field(0, ge=0, le=10**6, description="'arith' only: smallest operand.")
-    arith_num_train: int = Field(20000, ge=16, description="'arith' only: training prompts generated.")
-    arith_num_operands: int = Field(2, ge=2, le=8, description="'arith' only: operands per question.")
+
+    @property
+    def is_plugin(self) -> bool:
+        """True when ``source`` names a data-source plugin rather than a file format."""
+        return self.source not in FILE_SOURCES
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
-        if self.source != "arith" and not self.path:
-            raise ValueError("data.path is required when data.source is 'jsonl' or 'parquet'")
+        if self.is_plugin:
+            module, _, obj = self.source.partition(":")
+            if not module or not obj:
+                raise ValueError(f"data.source must be one of {FILE_SOURCES} or a data-source plugin "
+                                 f"'package.module:object', got {self.source!r}")
+        else:
+            if not self.path:
+                raise ValueError("data.path is required when data.source is 'jsonl' or 'parquet'")
+            if self.options:
+                raise ValueError(f"data.options: only a data-source plugin takes options (data.source is {self.source!r})")
         if "{question}" not in self.prompt_format:
             raise ValueError("data.prompt_format must contain '{question}'")
         return self
@@ -108,7 +139,7 @@ class RewardFunctionConfig(_Strict):
     """One reward function with its weight."""
 
     name: RewardName = Field(
-        description="Built-in name (accuracy, format, gsm8k, math, language; arith_steps is kind process) or 'module:function' "
+        description="Built-in name (accuracy, format, gsm8k, math, language) or 'module:function' "
         "or '/path/file.py:function'."
     )
     weight: float = Field(1.0, ge=-1000, le=1000, description="Weight in the combined reward.")
@@ -142,24 +173,23 @@ class RewardConfig(_Strict):
 
 
 class AlgoConfig(_Strict):
-    """The RL algorithm: advantage estimator, KL, policy loss, aggregation (learner/grpo.py)."""
+    """The RL algorithm: advantage estimator and policy loss (one typed class each, configs/algos.py),
+    KL to the reference, importance correction, loss aggregation, DAPO reward shaping."""
 
-    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "process"] = Field(
-        "grpo",
-        description="Advantage estimator (learner/grpo.py ADVANTAGE_ESTIMATORS); 'process' is DeepSeekMath "
-        "4.1.3 process supervision and needs a reward function of kind 'process'.",
+    advantage: SerializeAsAny[AdvantageConfig] = Field(
+        default_factory=GRPOAdvantage,
+        description="Advantage estimator: a name (" + ", ".join(ADVANTAGE_CONFIGS.names()) + ") or a mapping "
+        "{name: ..., <its settings>}; 'process' is DeepSeekMath 4.1.3 process supervision and needs a "
+        "reward function of kind 'process'.",
     )
-    std: Literal["unbiased", "population"] = Field(
-        "unbiased", description="Group std: 'unbiased' (N-1, veRL/TRL) or 'population' (N)."
+    policy_loss: SerializeAsAny[PolicyLossConfig] = Field(
+        default_factory=PPOClipLoss,
+        description="Policy loss: a name (" + ", ".join(POLICY_LOSS_CONFIGS.names()) + ") or a mapping "
+        "{name: ..., <its settings>} (e.g. {name: ppo_clip, clip_high: 0.28, dual_clip: 3.0}).",
     )
-    adv_eps: float = Field(1e-6, gt=0.0, le=1.0, description="Added to the group std (veRL 1e-6, TRL 1e-4).")
     kl_coef: float = Field(0.0, ge=0.0, le=100.0, description="beta. 0 loads no reference model.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Schulman's KL estimators.")
     kl_in: Literal["loss", "reward"] = Field("loss", description="GRPO puts KL in the loss; PPO in the reward.")
-    clip_low: float = Field(0.2, ge=0.0, le=1.0, description="eps_low: ratio clipped below at 1 - clip_low.")
-    clip_high: float = Field(0.28, ge=0.0, le=10.0, description="eps_high (DAPO clip-higher): ratio clipped at 1 + clip_high.")
-    dual_clip: Optional[float] = Field(None, gt=1.0, description="Dual-clip bound c for negative advantages (None: off).")
-    ratio_level: Literal["token", "sequence"] = Field("token", description="'sequence' is GSPO's length-normalised ratio.")
     tis_cap: Optional[float] = Field(
         2.0, gt=0.0, description="Truncated importance weight cap for old/sampling mismatch (None: off)."
     )
@@ -173,6 +203,16 @@ class AlgoConfig(_Strict):
     mask_truncated: bool = Field(False, description="Exclude truncated completions from the loss.")
     overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong: buffer length in tokens (0: off).")
     overlong_penalty: float = Field(1.0, ge=0.0, description="DAPO soft overlong: max penalty.")
+
+    @field_validator("advantage", mode="before")
+    @classmethod
+    def _advantage(cls, v: Any) -> AdvantageConfig:
+        return ADVANTAGE_CONFIGS.parse(v, default="grpo")
+
+    @field_validator("policy_loss", mode="before")
+    @classmethod
+    def _policy_loss(cls, v: Any) -> PolicyLossConfig:
+        return POLICY_LOSS_CONFIGS.parse(v, default="ppo_clip")
 
 
 class LearnerConfig(_Strict):
@@ -203,16 +243,13 @@ class SyncConfig(_Strict):
 class SFTConfig(_Strict):
     """Cold-start supervised fine-tuning before RL (DeepSeek-R1)."""
 
-    enabled: bool = Field(False, description="Run SFT on worked solutions before GRPO.")
+    enabled: bool = Field(
+        False, description="Run SFT on worked solutions before GRPO; they come from the data-source plugin's "
+        "cold_start() (data.source 'package.module:object').")
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Sequences per step (all ranks).")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="SFT learning rate.")
-    num_examples: int = Field(2000, ge=1, description="Worked solutions to train on.")
-    carry_slip: float = Field(
-        0.0, ge=0.0, le=1.0,
-        description="'arith': share of cold-start solutions written by a sloppy student who drops carries "
-        "(imperfect cold-start data whose systematic error RL has to remove).")
-    triples: float = Field(0.0, ge=0.0, le=10.0, description="'arith': extra correct three-term digit sums, as a share of num_examples.")
+    num_examples: int = Field(2000, ge=1, description="Training rows given to cold_start() (it may add examples).")
 
 
 class RunConfig(_Strict):
@@ -258,17 +295,19 @@ class RunConfig(_Strict):
             raise ValueError("device 'gpu' needs rollout.num_gpus_per_engine > 0 and learner.num_gpus_per_rank > 0")
         if self.device == "cpu" and (self.rollout.num_gpus_per_engine or self.learner.num_gpus_per_rank):
             raise ValueError("device 'cpu' cannot ask for GPUs (rollout.num_gpus_per_engine, learner.num_gpus_per_rank)")
-        if self.sft.enabled and self.data.source != "arith":
-            raise ValueError("sft.enabled: cold-start SFT data (worked solutions) is built in for data.source 'arith' only")
-        if self.data.arith_min_operand > self.data.arith_max_operand:
-            raise ValueError("data.arith_min_operand must not exceed data.arith_max_operand")
-        has_process = any(f.kind == "process" for f in self.reward.functions)
-        if self.algo.advantage == "process" and not has_process:
-            raise ValueError("algo.advantage 'process' needs a reward function with kind: process in reward.functions")
-        if has_process and self.algo.advantage != "process":
+        if self.sft.enabled and not self.data.is_plugin:
             raise ValueError(
-                f"reward.functions has a function of kind 'process' but algo.advantage is {self.algo.advantage!r}: "
-                "per-step rewards are only used by algo.advantage 'process'"
+                f"sft.enabled: cold-start SFT examples come from a data-source plugin's cold_start() "
+                f"(data.source 'package.module:object'); data.source {self.data.source!r} has none")
+        has_process = any(f.kind == "process" for f in self.reward.functions)
+        steps = self.algo.advantage.uses_step_rewards
+        if steps and not has_process:
+            raise ValueError(f"algo.advantage {self.algo.advantage.name!r} reads step rewards: it needs a reward "
+                             "function with kind: process in reward.functions")
+        if has_process and not steps:
+            raise ValueError(
+                f"reward.functions has a function of kind 'process' but algo.advantage is {self.algo.advantage.name!r}: "
+                "per-step rewards are only used by step-reward estimators (algo.advantage: process)"
             )
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")

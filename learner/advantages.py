@@ -6,7 +6,7 @@ implements the reward -> advantage half of them:
 * outcome advantages: ``compute_advantages`` dispatching to ``ADVANTAGE_ESTIMATORS``
   ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline");
 * process-supervision advantages (DeepSeekMath section 4.1.3): ``process_advantages``;
-* DAPO dynamic sampling (``dynamic_sampling_keep``) and soft overlong punishment
+* the informative-group rule of DAPO dynamic sampling (``informative``) and soft overlong punishment
   (``overlong_penalty``);
 * reward statistics for metrics (``group_stats``) and ``ZERO_VARIANCE_MESSAGE``.
 
@@ -20,10 +20,20 @@ Imports torch, math and typing only.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from troupe.configs.algos import (
+    AdvantageConfig,
+    DrGRPOAdvantage,
+    GRPOAdvantage,
+    ProcessAdvantage,
+    ReinforcePPBaselineAdvantage,
+    RLOOAdvantage,
+)
+from troupe.learner.registry import AdvantageInputs, advantage_fn, register_advantage
 
 STD_MODES = ("unbiased", "population")
 
@@ -111,144 +121,102 @@ def _broadcast(adv_seq: Tensor, response_mask: Tensor, dtype: torch.dtype) -> Te
 
 
 # ---------------------------------------------------------------------------------------------
-# outcome advantage estimators: (rewards [B], group_size, response_mask [B, T], *, std, eps) -> [B, T]
+# advantage estimators: fn(AdvantageInputs, config) -> [B, T]   (troupe.learner.registry)
 # ---------------------------------------------------------------------------------------------
 
 
-def grpo_advantages(
-    rewards: Tensor, group_size: int, response_mask: Tensor, *, std: str = "unbiased", eps: float = 1e-6
-) -> Tensor:
+def _outcome(inp: AdvantageInputs, std: str = "unbiased") -> _Groups:
+    """Validated inputs of an outcome estimator, as per-group statistics."""
+    _check_rewards(inp.rewards, inp.group_size)
+    _check_mask(inp.response_mask, inp.rewards.shape[0])
+    _check_std(std)
+    return _Groups(inp.rewards, inp.group_size)
+
+
+@register_advantage("grpo", GRPOAdvantage)
+def grpo_advantages(inp: AdvantageInputs, cfg: GRPOAdvantage) -> Tensor:
     """GRPO outcome advantage (DeepSeekMath arXiv 2402.03300, section 4.1.2).
 
     A_i = (r_i - mean_g(r)) / (std_g(r) + eps), the same for every response token of sample i.
+    ``cfg.std``: "unbiased" (divide by n-1, veRL/TRL) or "population" (n), n = valid samples of the
+    group; ``cfg.eps`` is added to the std (veRL 1e-6, TRL 1e-4).
 
     Args:
-        rewards: [B] float, NaN = excluded (left out of the group mean/std, advantage 0).
-        group_size: G; B must be a multiple of G.
-        response_mask: [B, T] bool/float, 1 on response tokens that count.
-        std: "unbiased" (divide by n-1, veRL/TRL) or "population" (divide by n), n = valid samples.
-        eps: added to the std (veRL 1e-6, TRL 1e-4).
+        inp: rewards [B] (NaN = excluded: left out of the group mean/std, advantage 0), group_size G
+            (B a multiple of G), response_mask [B, T].
     Returns:
         [B, T] float32 (float64 if rewards are float64): A_i * response_mask. Groups with fewer than
         2 valid rewards or with all valid rewards equal get exactly 0.
     Raises:
         ValueError: bad shapes/dtypes, B not divisible by G, inf rewards, unknown ``std``.
     """
-    _check_rewards(rewards, group_size)
-    _check_mask(response_mask, rewards.shape[0])
-    _check_std(std)
-    g = _Groups(rewards, group_size)
-    adv = g.centred / (g.std(std) + eps)
+    g = _outcome(inp, cfg.std)
+    adv = g.centred / (g.std(cfg.std) + cfg.eps)
     adv = torch.where(g.informative, adv, torch.zeros_like(adv))
-    return _broadcast(adv.reshape(-1), response_mask, _out_dtype(rewards))
+    return _broadcast(adv.reshape(-1), inp.response_mask, _out_dtype(inp.rewards))
 
 
-def dr_grpo_advantages(
-    rewards: Tensor, group_size: int, response_mask: Tensor, *, std: str = "unbiased", eps: float = 1e-6
-) -> Tensor:
+@register_advantage("dr_grpo", DrGRPOAdvantage)
+def dr_grpo_advantages(inp: AdvantageInputs, cfg: DrGRPOAdvantage) -> Tensor:
     """Dr.GRPO outcome advantage (arXiv 2503.20783): A_i = r_i - mean_g(r), no std division.
 
-    Shapes, NaN handling and errors as ``grpo_advantages``; ``std`` is validated and ``eps`` unused
-    (kept so every estimator has the same signature).
+    Shapes, NaN handling and errors as ``grpo_advantages``.
     """
-    _check_rewards(rewards, group_size)
-    _check_mask(response_mask, rewards.shape[0])
-    _check_std(std)
-    g = _Groups(rewards, group_size)
-    return _broadcast(g.centred.reshape(-1), response_mask, _out_dtype(rewards))
+    g = _outcome(inp)
+    return _broadcast(g.centred.reshape(-1), inp.response_mask, _out_dtype(inp.rewards))
 
 
-def rloo_advantages(
-    rewards: Tensor, group_size: int, response_mask: Tensor, *, std: str = "unbiased", eps: float = 1e-6
-) -> Tensor:
+@register_advantage("rloo", RLOOAdvantage)
+def rloo_advantages(inp: AdvantageInputs, cfg: RLOOAdvantage) -> Tensor:
     """RLOO advantage (Ahmadian et al., arXiv 2402.14740): leave-one-out baseline.
 
     A_i = r_i - (1/(n-1)) sum_{j != i} r_j = n/(n-1) * (r_i - mean_g(r)), n = valid samples of the
-    group (n < 2 -> 0). Shapes, NaN handling and errors as ``grpo_advantages``; ``eps`` unused.
+    group (n < 2 -> 0). Shapes, NaN handling and errors as ``grpo_advantages``.
     """
-    _check_rewards(rewards, group_size)
-    _check_mask(response_mask, rewards.shape[0])
-    _check_std(std)
-    g = _Groups(rewards, group_size)
+    g = _outcome(inp)
     adv = g.centred * g.n / (g.n - 1.0).clamp(min=1.0)
-    return _broadcast(adv.reshape(-1), response_mask, _out_dtype(rewards))
+    return _broadcast(adv.reshape(-1), inp.response_mask, _out_dtype(inp.rewards))
 
 
-def reinforce_pp_baseline_advantages(
-    rewards: Tensor, group_size: int, response_mask: Tensor, *, std: str = "unbiased", eps: float = 1e-6
-) -> Tensor:
+@register_advantage("reinforce_pp_baseline", ReinforcePPBaselineAdvantage)
+def reinforce_pp_baseline_advantages(inp: AdvantageInputs, cfg: ReinforcePPBaselineAdvantage) -> Tensor:
     """REINFORCE++-baseline (arXiv 2501.03262; as in OpenRLHF ``reinforce_baseline`` / veRL).
 
     x_i = r_i - mean_g(r) (group baseline), broadcast to the sample's tokens, then whitened over the
     whole batch: A_{i,t} = (x_i - mu) / (sigma + eps), where mu and sigma are the mean and std of x
     over every response token (response_mask) of every valid sample in the batch -- token-weighted
-    like veRL's ``masked_whiten`` and OpenRLHF's advantage normalisation. ``std`` picks the divisor of
-    sigma^2 (token count - 1 or token count). The whitening shifts by mu, so samples of a constant
-    group may get a small non-zero advantage (as in the peers). Call it on the whole step batch,
-    not per micro-batch or per rank: mu and sigma are batch statistics.
+    like veRL's ``masked_whiten`` and OpenRLHF's advantage normalisation. ``cfg.std`` picks the
+    divisor of sigma^2 (token count - 1 or token count). The whitening shifts by mu, so samples of a
+    constant group may get a small non-zero advantage (as in the peers). Call it on the whole step
+    batch, not per micro-batch or per rank: mu and sigma are batch statistics.
 
     Returns [B, T] (0 on excluded samples and masked tokens). Errors as ``grpo_advantages``.
     """
-    _check_rewards(rewards, group_size)
-    _check_mask(response_mask, rewards.shape[0])
-    _check_std(std)
-    g = _Groups(rewards, group_size)
+    g = _outcome(inp, cfg.std)
     x = g.centred.reshape(-1)  # [B]
     valid = g.valid.reshape(-1)
-    mask = response_mask.detach().to(device=x.device, dtype=torch.float64)
+    mask = inp.response_mask.detach().to(device=x.device, dtype=torch.float64)
     w = mask.sum(dim=1) * valid.to(torch.float64)  # [B] tokens each valid sample contributes
     total = w.sum()
-    ddof = 1.0 if std == "unbiased" else 0.0
+    ddof = 1.0 if cfg.std == "unbiased" else 0.0
     if total - ddof <= 0:
         adv = torch.zeros_like(x)
     else:
         mu = (w * x).sum() / total
         sigma = ((w * (x - mu) ** 2).sum() / (total - ddof)).sqrt()
-        adv = (x - mu) / (sigma + eps) if float(sigma) > 0 else torch.zeros_like(x)
+        adv = (x - mu) / (sigma + cfg.eps) if float(sigma) > 0 else torch.zeros_like(x)
         adv = torch.where(valid, adv, torch.zeros_like(adv))
-    return _broadcast(adv, response_mask, _out_dtype(rewards))
+    return _broadcast(adv, inp.response_mask, _out_dtype(inp.rewards))
 
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
-    "grpo": grpo_advantages,
-    "dr_grpo": dr_grpo_advantages,
-    "rloo": rloo_advantages,
-    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
-}
+def compute_advantages(inp: AdvantageInputs, cfg: AdvantageConfig) -> Tensor:
+    """Advantages by the registered estimator ``cfg.name``: ``fn(inp, cfg)`` -> [B, T].
 
-
-def compute_advantages(
-    estimator: str,
-    rewards: Tensor,
-    group_size: int,
-    response_mask: Tensor,
-    *,
-    std: str = "unbiased",
-    eps: float = 1e-6,
-) -> Tensor:
-    """Outcome advantages by name: ``ADVANTAGE_ESTIMATORS[estimator](rewards, group_size, response_mask, ...)``.
-
-    Args:
-        estimator: "grpo" | "dr_grpo" | "rloo" | "reinforce_pp_baseline".
-        rewards: [B] float, samples in contiguous groups of G; NaN = excluded (advantage 0).
-        group_size: G.
-        response_mask: [B, T] bool/float, 1 on response tokens that count.
-        std: "unbiased" (N-1) or "population" (N); used by grpo and reinforce_pp_baseline.
-        eps: added to the std by grpo and reinforce_pp_baseline.
-    Returns:
-        [B, T] float32 (float64 for float64 rewards): per-sequence advantage * response_mask.
     Raises:
-        ValueError: unknown estimator (the message lists the valid ones), B not divisible by
-        group_size, bad shapes, inf rewards, unknown std, negative eps.
+        ValueError: unknown estimator (the message lists the registered ones), or the estimator's
+        own errors (B not divisible by G, bad shapes, inf rewards, ...).
     """
-    fn = ADVANTAGE_ESTIMATORS.get(estimator)
-    if fn is None:
-        raise ValueError(
-            f"unknown advantage estimator {estimator!r}; valid: {', '.join(sorted(ADVANTAGE_ESTIMATORS))}"
-        )
-    if not (eps >= 0.0) or math.isinf(eps):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    return fn(rewards, group_size, response_mask, std=std, eps=eps)
+    return advantage_fn(cfg.name)(inp, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,15 +224,30 @@ def compute_advantages(
 # ---------------------------------------------------------------------------------------------
 
 
-def process_advantages(
-    step_rewards: list[list[float]],
-    step_ends: list[list[int]],
-    group_size: int,
-    T: int,
-    *,
-    eps: float = 1e-6,
-    std: str = "unbiased",
-) -> Tensor:
+def _check_steps(step_rewards: list[list[float]], step_ends: list[list[int]], group_size: int, T: int) -> None:
+    """Validate process inputs (lengths, ends in [0, T) and non-decreasing, no inf rewards)."""
+    B = len(step_rewards)
+    if len(step_ends) != B:
+        raise ValueError(f"step_rewards has {B} samples but step_ends has {len(step_ends)}")
+    _check_group_size(B, group_size)
+    if not isinstance(T, int) or T < 0:
+        raise ValueError(f"T must be an int >= 0, got {T!r}")
+    for i, (rs, es) in enumerate(zip(step_rewards, step_ends)):
+        if len(rs) != len(es):
+            raise ValueError(f"sample {i}: {len(rs)} step rewards but {len(es)} step ends")
+        prev = -1
+        for r, e in zip(rs, es):
+            if math.isinf(float(r)):
+                raise ValueError(f"sample {i}: step reward {float(r)} is infinite; use NaN to exclude")
+            if not isinstance(e, int) or isinstance(e, bool) or not (0 <= e < T):
+                raise ValueError(f"sample {i}: step end {e!r} is not an int in [0, T={T})")
+            if e < prev:
+                raise ValueError(f"sample {i}: step ends must be non-decreasing, got {list(es)}")
+            prev = e
+
+
+@register_advantage("process", ProcessAdvantage)
+def process_advantages(inp: AdvantageInputs, cfg: ProcessAdvantage) -> Tensor:
     """Process-supervision advantages (DeepSeekMath arXiv 2402.03300, section 4.1.3).
 
     For each group, all step rewards of all G outputs are normalised together:
@@ -273,71 +256,48 @@ def process_advantages(
     the steps that end at or after t); tokens after the last step end get 0.
 
     Args:
-        step_rewards: B lists; step_rewards[i][j] = reward of step j of sample i (NaN = excluded
-            from the statistics, contributes 0). A sample may have no steps (all-zero row).
-        step_ends: B lists of the same lengths; step_ends[i][j] in [0, T) = index of the last
-            response token of step j, non-decreasing in j.
-        group_size: G; B must be a multiple of G, samples in contiguous groups.
-        T: number of response token columns of the output.
-        eps, std: as ``grpo_advantages``; a group with < 2 valid step rewards or all equal -> 0.
+        inp: ``step_rewards`` (B lists; NaN = excluded from the statistics, contributes 0; a sample
+            may have no steps), ``step_ends`` (B lists of the same lengths, each end in [0, T),
+            non-decreasing), ``group_size`` G, ``response_mask`` [B, T] (T and the output mask).
+            ``rewards`` is not read.
+        cfg: std ("unbiased" | "population") and eps as ``grpo_advantages``; a group with < 2 valid
+            step rewards or all equal gets 0.
     Returns:
-        [B, T] float32 (CPU; move it to the batch device). Multiply by the response mask if steps can
-        end on padding.
+        [B, T] float32 on the mask's device, times the response mask.
     Raises:
-        ValueError: length mismatches, end index outside [0, T) or decreasing, B not divisible by
-        G, inf rewards, unknown std.
+        ValueError: missing step lists, length mismatches, end index outside [0, T) or decreasing,
+        B not divisible by G, inf rewards, unknown std.
     """
-    _check_std(std)
-    B = len(step_rewards)
-    if len(step_ends) != B:
-        raise ValueError(f"step_rewards has {B} samples but step_ends has {len(step_ends)}")
-    _check_group_size(B, group_size)
-    if not isinstance(T, int) or T < 0:
-        raise ValueError(f"T must be an int >= 0, got {T!r}")
-    ddof = 1 if std == "unbiased" else 0
+    if inp.step_rewards is None or inp.step_ends is None:
+        raise ValueError("advantage 'process' needs step rewards: no reward function of kind 'process' ran")
+    _check_std(cfg.std)
+    G, T = inp.group_size, inp.response_mask.shape[1]
+    _check_steps(inp.step_rewards, inp.step_ends, G, T)
+    ddof = 1 if cfg.std == "unbiased" else 0
     rows: list[int] = []
     cols: list[int] = []
     vals: list[float] = []
-    for k in range(B // group_size):
-        members = range(k * group_size, (k + 1) * group_size)
-        group_vals: list[float] = []
-        for i in members:
-            rs, es = step_rewards[i], step_ends[i]
-            if len(rs) != len(es):
-                raise ValueError(f"sample {i}: {len(rs)} step rewards but {len(es)} step ends")
-            prev = -1
-            for r, e in zip(rs, es):
-                r = float(r)
-                if math.isinf(r):
-                    raise ValueError(f"sample {i}: step reward {r} is infinite; use NaN to exclude")
-                if not isinstance(e, int) or isinstance(e, bool) or not (0 <= e < T):
-                    raise ValueError(f"sample {i}: step end {e!r} is not an int in [0, T={T})")
-                if e < prev:
-                    raise ValueError(f"sample {i}: step ends must be non-decreasing, got {list(es)}")
-                prev = e
-                if not math.isnan(r):
-                    group_vals.append(r)
-        n = len(group_vals)
-        if not process_group_informative([group_vals]):
+    for k in range(len(inp.step_rewards) // G):
+        members = range(k * G, (k + 1) * G)
+        group_vals = [float(r) for i in members for r in inp.step_rewards[i] if not math.isnan(float(r))]
+        if not informative(group_vals):
             continue  # degenerate group (< 2 valid step rewards, or all equal): all-zero advantages
+        n = len(group_vals)
         mean = math.fsum(group_vals) / n
         sd = math.sqrt(math.fsum((v - mean) ** 2 for v in group_vals) / (n - ddof))
         for i in members:
-            for r, e in zip(step_rewards[i], step_ends[i]):
-                r = float(r)
-                if not math.isnan(r):
+            for r, e in zip(inp.step_rewards[i], inp.step_ends[i]):
+                if not math.isnan(float(r)):
                     rows.append(i)
                     cols.append(e)
-                    vals.append((r - mean) / (sd + eps))
-    out = torch.zeros(B, T, dtype=torch.float64)
+                    vals.append((float(r) - mean) / (sd + cfg.eps))
+    out = torch.zeros(len(inp.step_rewards), T, dtype=torch.float64)
     if vals:
-        out.index_put_(
-            (torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)),
-            torch.tensor(vals, dtype=torch.float64),
-            accumulate=True,
-        )
+        index = (torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long))
+        out.index_put_(index, torch.tensor(vals, dtype=torch.float64), accumulate=True)
     # A_{i,t} = sum_{s >= t} out[i, s]: reverse cumulative sum over the token axis.
-    return out.flip(-1).cumsum(-1).flip(-1).to(torch.float32)
+    adv = out.flip(-1).cumsum(-1).flip(-1).to(torch.float32)
+    return adv.to(inp.response_mask.device) * inp.response_mask
 
 
 def add_to_last_step(step_rewards: list[list[float]], bonus: Tensor) -> list[list[float]]:
@@ -360,38 +320,21 @@ def add_to_last_step(step_rewards: list[list[float]], bonus: Tensor) -> list[lis
     return [rs[:-1] + [rs[-1] + float(x)] if rs else [] for rs, x in zip(step_rewards, bonus.tolist())]
 
 
-def process_group_informative(step_rewards: list[list[float] | None]) -> bool:
-    """Whether a group's step rewards give a non-zero process advantage (DAPO dynamic sampling).
+def informative(values: Sequence[float]) -> bool:
+    """The "informative group" rule: at least 2 valid (non-NaN) values that are not all equal.
 
-    Args:
-        step_rewards: the G samples' step rewards (None or [] = no steps; NaN steps ignored).
-    Returns:
-        True iff at least 2 valid step rewards exist and they are not all equal (the same test
-        ``process_advantages`` uses to zero a degenerate group).
+    ``values`` are a group's outcome rewards, or all step rewards of its samples for step-reward
+    estimators. A group that fails it gets zero advantage from grpo/dr_grpo/rloo/process (and a
+    zero policy gradient), so DAPO dynamic sampling drops it and ``zero_variance_frac`` counts it.
+    The vectorised ``_Groups.informative`` applies the same rule to [N, G] rewards.
     """
-    vals = [float(r) for rs in step_rewards if rs for r in rs if not math.isnan(float(r))]
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     return len(vals) >= 2 and max(vals) > min(vals)
 
 
 # ---------------------------------------------------------------------------------------------
 # DAPO dynamic sampling, overlong shaping, statistics
 # ---------------------------------------------------------------------------------------------
-
-
-def dynamic_sampling_keep(rewards: Tensor, group_size: int) -> Tensor:
-    """DAPO dynamic sampling filter (arXiv 2503.14476, section 3.2).
-
-    Args:
-        rewards: [B] float, contiguous groups of G, NaN = excluded.
-        group_size: G.
-    Returns:
-        [B // G] bool: True for groups whose valid rewards are not all equal (at least 2 valid and
-        max > min), i.e. groups that carry a non-zero group-relative advantage.
-    Raises:
-        ValueError: bad shape, B not divisible by G, inf rewards.
-    """
-    _check_rewards(rewards, group_size)
-    return _Groups(rewards, group_size).informative.reshape(-1).to(rewards.device)
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, penalty: float) -> Tensor:

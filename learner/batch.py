@@ -1,85 +1,14 @@
-"""The training batch: scored groups collated into padded tensors.
+"""Scored groups -> ``TrainBatch`` (padded tensors), and log-probs of tokens under logits.
 
-Layout (one row per sample, groups contiguous: rows k*G .. k*G+G-1 are group k):
-
-    input_ids = [ left-padded prompt (P) | right-padded response (T) ]
-
-so the response always starts at column P and every per-token tensor is [B, T] over the
-response only; ``logits[:, P-1 : P+T-1]`` predict the response tokens. Imports torch only.
+The batch layout is documented on ``troupe.core.types.TrainBatch``. Imports torch only.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
-from typing import Optional
-
 import torch
 
-from troupe.rollout.types import Group
-
-
-@dataclass
-class TrainBatch:
-    """A GRPO training batch (SkyRL-style typed structure; every tensor states its shape).
-
-    Attributes:
-        input_ids: [B, P+T] long. Prompt left-padded to P, response right-padded to T.
-        attention_mask: [B, P+T] long. 1 on real prompt and response tokens.
-        response_mask: [B, T] float. 1 on response tokens that count in the loss (0 on padding,
-            on excluded samples and, with ``mask_truncated``, on truncated responses).
-        sampling_logprobs: [B, T] float. Engine log-probabilities of the sampled tokens (nats).
-        rewards: [B] float. Combined reward per sample; NaN = excluded (no score).
-        truncated: [B] bool. Response hit max_new_tokens without EOS.
-        advantages: [B, T] float, filled by the learner (0 where response_mask is 0).
-        old_logprobs: [B, T] float, learner log-probs before the first update of this batch.
-        ref_logprobs: [B, T] float or None, reference-model log-probs (None when kl_coef = 0).
-        prompt_len: P, the padded prompt width.
-        step_rewards: process supervision only (else None): B lists, step_rewards[i][j] = reward
-            of reasoning step j of sample i (NaN = unscored step); [] for an excluded or empty
-            sample.
-        step_ends: process supervision only: B lists of the same lengths, step_ends[i][j] in
-            [0, T) = index of the last response token of step j, non-decreasing.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    sampling_logprobs: torch.Tensor
-    rewards: torch.Tensor
-    truncated: torch.Tensor
-    prompt_len: int
-    advantages: Optional[torch.Tensor] = None
-    old_logprobs: Optional[torch.Tensor] = None
-    ref_logprobs: Optional[torch.Tensor] = None
-    step_rewards: Optional[list[list[float]]] = None
-    step_ends: Optional[list[list[int]]] = None
-
-    @property
-    def size(self) -> int:
-        """B, the number of samples."""
-        return self.input_ids.shape[0]
-
-    @property
-    def response_len(self) -> int:
-        """T, the padded response width."""
-        return self.response_mask.shape[1]
-
-    def select(self, rows: slice | torch.Tensor) -> "TrainBatch":
-        """Rows of the batch (a micro-batch or a rank's shard); scalar fields kept."""
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = v[rows]
-            elif isinstance(v, list):
-                v = v[rows] if isinstance(rows, slice) else [v[i] for i in torch.arange(len(v))[rows].tolist()]
-            out[f.name] = v
-        return TrainBatch(**out)
-
-    def with_(self, **kw) -> "TrainBatch":
-        """A copy with some fields replaced."""
-        return replace(self, **kw)
+from troupe.core.types import Group, TrainBatch
 
 
 def collate_groups(groups: list[Group], pad_id: int, *, mask_truncated: bool = False) -> TrainBatch:
@@ -124,7 +53,8 @@ def collate_groups(groups: list[Group], pad_id: int, *, mask_truncated: bool = F
             rewards[b] = float(r)
             if not (mask_truncated and s.truncated):
                 resp_mask[b, :n] = 1.0
-    batch = TrainBatch(input_ids, attn, resp_mask, samp_lp, rewards, truncated, prompt_len=P)
+    lengths = torch.tensor([len(s.response_ids) for _, s, _ in rows], dtype=torch.long)
+    batch = TrainBatch(input_ids, attn, resp_mask, samp_lp, rewards, truncated, lengths, prompt_len=P)
     if any(g.step_rewards for g in groups):
         batch.step_rewards, batch.step_ends = _collate_steps(groups)
     return batch
@@ -153,6 +83,22 @@ def _collate_steps(groups: list[Group]) -> tuple[list[list[float]], list[list[in
     return step_rewards, step_ends
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[target] in float32, nats.
+
+    Args:
+        logits: [..., V] (any leading shape).
+        targets: [...] token ids, the same leading shape.
+        temperature: logits are divided by it first, as the engine did when sampling.
+    Returns:
+        [...] float32.
+    """
+    lg = logits.float()
+    if temperature != 1.0:
+        lg = lg / temperature
+    return torch.gather(lg.log_softmax(-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: int, temperature: float = 1.0) -> torch.Tensor:
     """Log-probabilities of the response tokens under ``logits``.
 
@@ -160,14 +106,10 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len:
         logits: [B, P+T, V] model output.
         input_ids: [B, P+T].
         prompt_len: P.
-        temperature: logits are divided by it first, as the engine did when sampling.
+        temperature: as ``token_logprobs``.
 
     Returns:
         [B, T] float32 log pi(token_t | prefix) in nats.
     """
     T = input_ids.shape[1] - prompt_len
-    lg = logits[:, prompt_len - 1: prompt_len - 1 + T].float()
-    if temperature != 1.0:
-        lg = lg / temperature
-    tgt = input_ids[:, prompt_len:prompt_len + T]
-    return torch.gather(lg.log_softmax(-1), 2, tgt.unsqueeze(-1)).squeeze(-1)
+    return token_logprobs(logits[:, prompt_len - 1: prompt_len - 1 + T], input_ids[:, prompt_len:prompt_len + T], temperature)

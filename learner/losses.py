@@ -1,25 +1,29 @@
-"""KL estimators, the clipped policy loss, aggregation and entropy (pure torch). Re-exported by
-``troupe.learner.grpo``, whose docstring states every algorithmic choice.
+"""KL estimators, the registered policy losses (``ppo_clip``, ``gspo``), what every loss shares
+(``policy_loss``: TIS weight, KL term, split-invariant aggregation) and entropy (pure torch).
+Re-exported by ``troupe.learner.grpo``, whose docstring states every algorithmic choice.
 
 Per-token tensors are [B, T] over response tokens only; ``response_mask`` [B, T] (bool or float)
 is 1 on tokens that count. Values at masked positions never reach the loss or the metrics (they
 are selected away with ``torch.where``, so even NaN/inf padding is harmless).
 
-Imports torch, math and typing only.
+Imports torch and troupe's config classes / registry only.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from troupe.configs.algos import GSPOLoss, PolicyLossConfig, PPOClipLoss
+from troupe.learner.registry import LossInputs, policy_loss_fn, register_policy_loss
+
 LOG_RATIO_CLAMP = 20.0
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-RATIO_LEVELS = ("token", "sequence")
 
 
 def _check_same_shape(**tensors: Optional[Tensor]) -> tuple[int, ...]:
@@ -87,40 +91,26 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor
     return torch.exp(-d) + d - 1.0
 
 
-def reward_kl_penalty(
-    rewards: Tensor,
-    logp_old: Tensor,
-    ref_logp: Tensor,
-    response_mask: Tensor,
-    kl_coef: float,
-    estimator: str,
-) -> Tensor:
-    """KL in the reward (``kl_in="reward"``, PPO's way as in OpenRLHF, applied to outcome rewards).
-
-    r'_i = r_i - kl_coef * sum_t mask_{i,t} * KL_t(logp_old, ref_logp), computed without gradient
-    before advantages. NaN (excluded) rewards stay NaN.
+def sequence_kl(logp_old: Tensor, ref_logp: Tensor, response_mask: Tensor, estimator: str) -> Tensor:
+    """Per-sequence KL for KL in the reward (``kl_in="reward"``, PPO's way as in OpenRLHF):
+    sum_t mask_{i,t} * KL_t(logp_old, ref_logp), without gradient. ``troupe.learner.step`` then
+    subtracts kl_coef times it from each sequence's reward before advantages.
 
     Args:
-        rewards: [B] float.
         logp_old: [B, T] log pi_old of the sampled tokens (learner, before the update).
         ref_logp: [B, T] log pi_ref.
         response_mask: [B, T] bool/float.
-        kl_coef: beta >= 0.
         estimator: "k1" | "k2" | "k3" (see ``kl_estimate``).
     Returns:
-        [B] shaped rewards, rewards' dtype, detached.
+        [B] float32 (float64 for float64 inputs), detached.
     Raises:
-        ValueError: shape mismatch, kl_coef < 0, unknown estimator.
+        ValueError: shape mismatch, unknown estimator.
     """
     _check_same_shape(logp_old=logp_old, ref_logp=ref_logp, response_mask=response_mask)
-    if rewards.dim() != 1 or rewards.shape[0] != logp_old.shape[0]:
-        raise ValueError(f"rewards must be [B={logp_old.shape[0]}], got {tuple(rewards.shape)}")
-    if not (kl_coef >= 0.0) or math.isinf(kl_coef):
-        raise ValueError(f"kl_coef must be finite and >= 0, got {kl_coef}")
     with torch.no_grad():
-        kl = kl_estimate(logp_old.detach().float(), ref_logp.detach().float(), estimator)
-        kl_sum = _masked(kl, response_mask.to(kl.dtype)).sum(dim=1)
-        return (rewards.detach().to(kl_sum.device) - kl_coef * kl_sum.to(rewards.dtype)).to(rewards.dtype)
+        dtype = torch.float64 if logp_old.dtype == torch.float64 else torch.float32
+        kl = kl_estimate(logp_old.detach().to(dtype), ref_logp.detach().to(dtype), estimator)
+        return _masked(kl, response_mask.to(kl.dtype)).sum(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +182,7 @@ def clipped_surrogate(
     l = -min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A)            (PPO; clip-higher: DAPO 3.1)
     dual clip (Ye et al., arXiv 1912.09729), for A < 0 only: l = min(l, -c * A) = min(l, c * |A|)
 
-    Example (DESIGN.md): A = [1, -1, 1, -1], rho = [1.5, 1.5, 0.5, 0.5], clip 0.2/0.28
+    Example (docs/design.md, hand-derived values): A = [1, -1, 1, -1], rho = [1.5, 1.5, 0.5, 0.5], clip 0.2/0.28
     -> [-1.28, 1.5, -0.5, 0.8].
 
     Args:
@@ -220,137 +210,163 @@ def clipped_surrogate(
     return loss
 
 
-def policy_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    dual_clip: Optional[float] = None,
-    ratio_level: str = "token",
-    sampling_logp: Optional[Tensor] = None,
-    tis_cap: Optional[float] = None,
-    ref_logp: Optional[Tensor] = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    loss_agg: str = "token_mean",
-    num_tokens: float,
-    num_seqs: float,
-    max_len: int,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The GRPO/DAPO/Dr.GRPO/GSPO policy loss of one micro-batch (DeepSeekMath eq. 3, negated).
+@dataclass(frozen=True)
+class LossNorm:
+    """How a micro-batch's per-token loss becomes its share of the mini-batch loss (``aggregate_loss``).
 
-    1. log-ratio lr = clamp(logp - old_logp, -20, 20).
-       ratio_level="token":    rho_{i,t} = exp(lr_{i,t}).
-       ratio_level="sequence": GSPO (arXiv 2507.18071), GSPO-token form:
-           s_i = exp(sum_t m lr / max(1, sum_t m)), rho_{i,t} = sg(s_i) * exp(logp - sg(logp)),
-           equal to s_i in value, with gradient s_i * grad log pi_theta(y_{i,t}).
-    2. l_{i,t} = clipped_surrogate(rho, A, clip_low, clip_high, dual_clip).
-    3. truncated importance sampling (Yao et al. 2025) when sampling_logp and tis_cap are given:
-       l_{i,t} *= w_{i,t} = min(exp(clamp(old_logp - sampling_logp, -20, 20)), tis_cap), detached.
-    4. KL in the loss when ref_logp is given and kl_coef > 0:
-       l_{i,t} += kl_coef * kl_estimate(logp, ref_logp, kl_estimator)  (not TIS-weighted).
-    5. loss = aggregate_loss(l, response_mask, loss_agg, num_tokens=..., num_seqs=..., max_len=...).
-
-    Args:
-        logp: [B, T] log pi_theta of the sampled response tokens (requires grad); bf16/fp16 is
-            upcast to float32 (the loss is float32, or float64 for float64 logp).
-        old_logp: [B, T] learner log-probs before the first update of this step (detached).
-        advantages: [B, T] (``compute_advantages`` / ``process_advantages`` output).
-        response_mask: [B, T] bool/float.
-        clip_low, clip_high, dual_clip: see ``clipped_surrogate``.
-        ratio_level: "token" | "sequence".
-        sampling_logp: [B, T] engine log-probs of the same tokens, or None.
-        tis_cap: cap C > 0 of the truncated importance weight, or None (off).
-        ref_logp: [B, T] reference log-probs, or None.
-        kl_coef: beta >= 0.
-        kl_estimator: "k1" | "k2" | "k3".
-        loss_agg, num_tokens, num_seqs, max_len: see ``aggregate_loss``.
-    Returns:
-        (loss scalar with grad, metrics) -- metrics are detached float32 scalars, masked means over
-        this micro-batch: "pg_loss" (surrogate incl. TIS weight), "kl_loss" (kl_coef * kl_ref),
-        "clip_frac_low" (A < 0 and rho < 1 - clip_low), "clip_frac_high" (A > 0 and
-        rho > 1 + clip_high), "approx_kl_old" (k3 of current vs old), "ratio_mean"; and when
-        applicable "dual_clip_frac" (A < 0 and -rho*A > c*|A|), "kl_ref" (k-estimate vs ref),
-        "tis_weight_mean" (TIS on), "sampling_kl" (k3 of old vs sampling_logp, whenever given).
-    Raises:
-        ValueError: shape mismatch, unknown ratio_level/loss_agg/kl_estimator, kl_coef > 0 without
-        ref_logp, tis_cap without sampling_logp, tis_cap <= 0, bad clip bounds.
+    Attributes:
+        mode: "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum_norm" (algo.loss_agg).
+        num_tokens: valid tokens of the whole mini-batch on all ranks.
+        num_seqs: sequences with a valid token in the whole mini-batch on all ranks.
+        max_len: Dr.GRPO's constant (rollout.max_new_tokens).
     """
-    _check_same_shape(
-        logp=logp, old_logp=old_logp, advantages=advantages, response_mask=response_mask,
-        sampling_logp=sampling_logp, ref_logp=ref_logp,
-    )
-    if ratio_level not in RATIO_LEVELS:
-        raise ValueError(f"unknown ratio_level {ratio_level!r}; valid: {', '.join(RATIO_LEVELS)}")
-    if loss_agg not in LOSS_AGG_MODES:
-        raise ValueError(f"unknown loss aggregation {loss_agg!r}; valid: {', '.join(LOSS_AGG_MODES)}")
+
+    mode: str
+    num_tokens: float
+    num_seqs: float
+    max_len: int
+
+
+def _ratio_metrics(ratio: Tensor, adv: Tensor, mask: Tensor, clip_low: float, clip_high: float) -> dict[str, Tensor]:
+    """Clip fractions (A < 0 and rho < 1 - clip_low; A > 0 and rho > 1 + clip_high) and mean ratio."""
+    r = ratio.detach()
+    return {
+        "clip_frac_low": _masked_mean(((adv < 0) & (r < 1.0 - clip_low)).float(), mask),
+        "clip_frac_high": _masked_mean(((adv > 0) & (r > 1.0 + clip_high)).float(), mask),
+        "ratio_mean": _masked_mean(r, mask),
+    }
+
+
+@register_policy_loss("ppo_clip", PPOClipLoss)
+def ppo_clip_loss(inp: LossInputs, cfg: PPOClipLoss) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO/GRPO clipped surrogate with a per-token ratio (DeepSeekMath eq. 3, negated).
+
+    rho_{i,t} = exp(clamp(logp - old_logp, -20, 20)); l = ``clipped_surrogate(rho, A, clip_low,
+    clip_high, dual_clip)`` (DAPO clip-higher, dual clip for A < 0).
+
+    Returns:
+        ([B, T] per-token loss, metrics "clip_frac_low", "clip_frac_high", "ratio_mean" and, with
+        dual clip, "dual_clip_frac" (A < 0 and rho > c)).
+    """
+    ratio = torch.exp((inp.logp - inp.old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    loss = clipped_surrogate(ratio, inp.advantages, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+    metrics = _ratio_metrics(ratio, inp.advantages, inp.response_mask, cfg.clip_low, cfg.clip_high)
+    if cfg.dual_clip is not None:
+        hit = (inp.advantages < 0) & (ratio.detach() > cfg.dual_clip)
+        metrics["dual_clip_frac"] = _masked_mean(hit.float(), inp.response_mask)
+    return loss, metrics
+
+
+@register_policy_loss("gspo", GSPOLoss)
+def gspo_loss(inp: LossInputs, cfg: GSPOLoss) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO (arXiv 2507.18071) in its GSPO-token form.
+
+    s_i = exp(sum_t m lr / max(1, sum_t m)) with lr = clamp(logp - old_logp, -20, 20);
+    rho_{i,t} = sg(s_i) * exp(logp - sg(logp)): equal to s_i in value, gradient s_i * grad log
+    pi_theta(y_{i,t}) (GSPO's gradient when advantages are per sequence); then the clipped surrogate.
+
+    Returns:
+        ([B, T] per-token loss, metrics "clip_frac_low", "clip_frac_high", "ratio_mean").
+    """
+    mask = inp.response_mask
+    log_ratio = (inp.logp - inp.old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    seq = torch.exp(_masked(log_ratio, mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).detach()  # [B]
+    ratio = seq.unsqueeze(1) * torch.exp(inp.logp - inp.logp.detach())
+    loss = clipped_surrogate(ratio, inp.advantages, cfg.clip_low, cfg.clip_high)
+    return loss, _ratio_metrics(ratio, inp.advantages, mask, cfg.clip_low, cfg.clip_high)
+
+
+def _clean_inputs(inp: LossInputs) -> LossInputs:
+    """Inputs in logp's float dtype with every masked position set to 0 (padding, even NaN/inf,
+    then gets ratio 1, KL 0, TIS weight 1 and exactly zero gradient); old/ref/sampling/advantages
+    detached."""
+    logp = inp.logp if inp.logp.dtype in (torch.float32, torch.float64) else inp.logp.float()
+    keep = inp.response_mask != 0
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+
+    def clean(x: Optional[Tensor], detach: bool = True) -> Optional[Tensor]:
+        if x is None:
+            return None
+        return torch.where(keep, (x.detach() if detach else x).to(logp.dtype), zero)
+
+    return LossInputs(clean(logp, detach=False), clean(inp.old_logp), clean(inp.advantages),
+                      inp.response_mask.to(logp.dtype), clean(inp.sampling_logp), clean(inp.ref_logp))
+
+
+def _check_loss_args(inp: LossInputs, tis_cap: Optional[float], kl_coef: float, kl_estimator: str) -> None:
+    _check_same_shape(logp=inp.logp, old_logp=inp.old_logp, advantages=inp.advantages,
+                      response_mask=inp.response_mask, sampling_logp=inp.sampling_logp, ref_logp=inp.ref_logp)
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kl_estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
     if not (kl_coef >= 0.0) or math.isinf(kl_coef):
         raise ValueError(f"kl_coef must be finite and >= 0, got {kl_coef}")
-    if kl_coef > 0 and ref_logp is None:
+    if kl_coef > 0 and inp.ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp (the reference model's log-probs)")
     if tis_cap is not None:
         if not (tis_cap > 0.0):
             raise ValueError(f"tis_cap must be > 0 (or None), got {tis_cap}")
-        if sampling_logp is None:
+        if inp.sampling_logp is None:
             raise ValueError("tis_cap is set but sampling_logp is None: TIS needs the engine log-probs")
 
-    if logp.dtype not in (torch.float32, torch.float64):
-        logp = logp.float()  # bf16/fp16 log-probs: ratios and exp in float32
-    mask = response_mask.to(logp.dtype)
-    keep = mask != 0
 
-    def _clean(x: Tensor) -> Tensor:
-        # masked positions -> 0 in every input, so padding (even NaN/inf) gets ratio 1, KL 0,
-        # TIS weight 1 and exactly zero gradient.
-        return torch.where(keep, x.to(logp.dtype), torch.zeros((), dtype=logp.dtype, device=logp.device))
+def policy_loss(
+    inp: LossInputs,
+    cfg: PolicyLossConfig,
+    norm: LossNorm,
+    *,
+    tis_cap: Optional[float] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One micro-batch's share of the policy loss: the registered loss ``cfg.name`` plus what every
+    loss shares.
 
-    logp = _clean(logp)
-    old = _clean(old_logp.detach())
-    adv = _clean(advantages.detach())
-    log_ratio = (logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    if ratio_level == "token":
-        ratio = torch.exp(log_ratio)
-    else:
-        seq_lr = _masked(log_ratio, mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        s = torch.exp(seq_lr).detach()  # [B]
-        ratio = s.unsqueeze(1) * torch.exp(logp - logp.detach())
+    1. masked positions of every input set to 0 (``_clean_inputs``); bf16/fp16 logp upcast to float32.
+    2. l_{i,t}, metrics = registered_fn(inputs, cfg)   (``ppo_clip``, ``gspo``, or a plugin's).
+    3. truncated importance sampling (Yao et al. 2025) when ``tis_cap`` is set:
+       l_{i,t} *= w_{i,t} = min(exp(clamp(old_logp - sampling_logp, -20, 20)), tis_cap), detached.
+    4. KL in the loss when ``kl_coef`` > 0 (GRPO, DeepSeekMath eq. 3; not TIS-weighted):
+       l_{i,t} += kl_coef * kl_estimate(logp, ref_logp, kl_estimator).
+    5. loss = aggregate_loss(l, mask, norm.mode, ...) with whole-mini-batch normalisers, so summing
+       over micro-batches and ranks gives the mini-batch loss whatever the split.
 
-    pg = clipped_surrogate(ratio, adv, clip_low, clip_high, dual_clip)
-    metrics: dict[str, Tensor] = {}
-    if sampling_logp is not None:
-        samp = _clean(sampling_logp.detach())
-        metrics["sampling_kl"] = _masked_mean(kl_estimate(old, samp, "k3"), mask)
+    Args:
+        inp: [B, T] tensors (``LossInputs``); logp requires grad.
+        cfg: the policy loss's typed config (``troupe.configs.algos``).
+        norm: aggregation mode and global normalisers (``LossNorm``).
+        tis_cap: cap C > 0 of the truncated importance weight, or None (off).
+        kl_coef: beta >= 0; kl_estimator: "k1" | "k2" | "k3".
+    Returns:
+        (loss scalar with grad, metrics): detached float scalars, masked means over this micro-batch:
+        the registered loss's own (e.g. "clip_frac_low", "clip_frac_high", "ratio_mean"), "pg_loss"
+        (surrogate incl. TIS weight), "kl_loss" (kl_coef * kl_ref), "approx_kl_old" (k3 of current vs
+        old) and when applicable "kl_ref", "tis_weight_mean", "sampling_kl" (k3 of old vs sampling).
+    Raises:
+        ValueError: shape mismatch, unknown loss/loss_agg/kl_estimator, kl_coef > 0 without ref_logp,
+        tis_cap without sampling_logp, tis_cap <= 0, the registered loss's own errors.
+    """
+    _check_loss_args(inp, tis_cap, kl_coef, kl_estimator)
+    if norm.mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss aggregation {norm.mode!r}; valid: {', '.join(LOSS_AGG_MODES)}")
+    x = _clean_inputs(inp)
+    mask = x.response_mask
+    pg, metrics = policy_loss_fn(cfg.name)(x, cfg)
+    if x.sampling_logp is not None:
+        metrics["sampling_kl"] = _masked_mean(kl_estimate(x.old_logp, x.sampling_logp, "k3"), mask)
         if tis_cap is not None:
-            w = torch.exp((old - samp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=tis_cap).detach()
-            pg = pg * w
+            w = torch.exp((x.old_logp - x.sampling_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=tis_cap)
+            pg = pg * w.detach()
             metrics["tis_weight_mean"] = _masked_mean(w, mask)
-
-    total = pg
-    kl_term_mean = torch.zeros((), dtype=torch.float32, device=logp.device)
-    if ref_logp is not None:
-        kl = kl_estimate(logp, _clean(ref_logp.detach()), kl_estimator)
+    total, kl_term = pg, torch.zeros((), dtype=torch.float32, device=x.logp.device)
+    if x.ref_logp is not None:
+        kl = kl_estimate(x.logp, x.ref_logp, kl_estimator)
         metrics["kl_ref"] = _masked_mean(kl, mask)
         if kl_coef > 0:
-            total = pg + kl_coef * kl
-            kl_term_mean = kl_coef * metrics["kl_ref"]
-
-    loss = aggregate_loss(total, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
-
-    with torch.no_grad():
-        r = ratio.detach()
-        metrics["pg_loss"] = _masked_mean(pg, mask)
-        metrics["kl_loss"] = kl_term_mean.detach()
-        metrics["clip_frac_low"] = _masked_mean(((adv < 0) & (r < 1.0 - clip_low)).float(), mask)
-        metrics["clip_frac_high"] = _masked_mean(((adv > 0) & (r > 1.0 + clip_high)).float(), mask)
-        if dual_clip is not None:
-            metrics["dual_clip_frac"] = _masked_mean(((adv < 0) & (r > dual_clip)).float(), mask)
-        metrics["approx_kl_old"] = _masked_mean(kl_estimate(logp.detach(), old, "k3"), mask)
-        metrics["ratio_mean"] = _masked_mean(r, mask)
+            total, kl_term = pg + kl_coef * kl, kl_coef * metrics["kl_ref"]
+    loss = aggregate_loss(total, mask, norm.mode, num_tokens=norm.num_tokens, num_seqs=norm.num_seqs,
+                          max_len=norm.max_len)
+    metrics.update(pg_loss=_masked_mean(pg, mask), kl_loss=kl_term.detach(),
+                   approx_kl_old=_masked_mean(kl_estimate(x.logp.detach(), x.old_logp, "k3"), mask))
     return loss, metrics
 
 

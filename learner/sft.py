@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 
 def _encode(tok, examples: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
@@ -36,6 +36,65 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
         attn[i, : len(seq)] = 1
         labels[i, len(p) : len(seq)] = torch.tensor(c)
     return ids, attn, labels
+
+
+def _adamw(model, lr: float, weight_decay: float):
+    """AdamW (betas 0.9/0.98); weight decay on matrices only."""
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+
+
+def _lr_schedule(lr: float, steps: int, warmup: int, min_lr_ratio: float) -> Callable[[int], float]:
+    """Learning rate at a step: linear warmup over ``warmup`` steps, then cosine decay to ``min_lr_ratio * lr``."""
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        frac = (step - warmup) / max(1, steps - warmup)
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    return lr_at
+
+
+def _batch_indices(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """Endless batches of example indices: epochs shuffled by ``rng``, a batch may span two epochs."""
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(n))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        idx, order = order[:batch_size], order[batch_size:]
+        yield idx
+
+
+def _train_step(model, opt, batch, lr: float) -> float:
+    """One AdamW step at learning rate ``lr`` on a collated (ids, attention, labels) batch; returns the loss."""
+    import torch
+
+    ids, attn, labels = batch
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+def _save(model, tok, out_dir: str) -> None:
+    """Write the model (eval mode, safetensors) and its tokenizer as an HF directory."""
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
 
 
 def run_sft(
@@ -83,48 +142,16 @@ def run_sft(
     data = _encode(tok, examples)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     warmup = max(1, steps // 20) if warmup_steps is None else max(0, warmup_steps)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.98),
-    )
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        frac = (step - warmup) / max(1, steps - warmup)
-        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-    order: list[int] = []
+    opt = _adamw(model, lr, weight_decay)
+    lr_at = _lr_schedule(lr, steps, warmup, min_lr_ratio)
+    batches = _batch_indices(len(data), batch_size, rng)
     losses: list[float] = []
     t0 = time.time()
     for step in range(steps):
-        if len(order) < batch_size:
-            fresh = list(range(len(data)))
-            rng.shuffle(fresh)
-            order.extend(fresh)
-        idx, order = order[:batch_size], order[batch_size:]
-        ids, attn, labels = _collate([data[i] for i in idx], pad_id)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_train_step(model, opt, _collate([data[i] for i in next(batches)], pad_id), lr_at(step)))
         if log_every and (step % log_every == 0 or step == steps - 1):
             log(f"sft step {step + 1}/{steps} loss {losses[-1]:.4f} lr {lr_at(step):.2e}")
     seconds = time.time() - t0
-    model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
+    _save(model, tok, out_dir)
     tail = losses[-min(10, len(losses)) :]
-    return {
-        "loss_first": losses[0],
-        "loss_last": sum(tail) / len(tail),
-        "steps": steps,
-        "seconds": seconds,
-    }
+    return {"loss_first": losses[0], "loss_last": sum(tail) / len(tail), "steps": steps, "seconds": seconds}

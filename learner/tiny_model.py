@@ -66,6 +66,37 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
     return fast
 
 
+def _qwen2_config(tok, *, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
+                  intermediate_size: int, max_position_embeddings: int, tie_word_embeddings: bool):
+    """The ``Qwen2Config`` of a tiny model for tokenizer ``tok`` (vocabulary padded to a multiple of 64)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=(len(tok) + 63) // 64 * 64,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        torch_dtype="float32",
+        use_sliding_window=False,
+    )
+
+
+def _generation_config(tok):
+    """Sampling defaults saved with the model: temperature 1, no top-p/top-k; BOS and EOS are the tokenizer's EOS."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                            do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+
+
 def build_tiny_model(
     out_dir: str,
     corpus: list[str],
@@ -85,7 +116,7 @@ def build_tiny_model(
 
     Args:
         out_dir: directory written (created if missing); returned.
-        corpus: texts the tokenizer is trained on (prompts and worked solutions).
+        corpus: texts the tokenizer is trained on (the task's prompts and answers or worked solutions).
         arch: "qwen2" (Qwen2ForCausalLM) is the one supported.
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: model shape;
             ``hidden_size // num_heads`` must be a head size vLLM's CPU attention supports
@@ -99,7 +130,7 @@ def build_tiny_model(
         ``out_dir``.
     """
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     if arch != "qwen2":
         raise ValueError(f"unsupported arch {arch!r} (only 'qwen2')")
@@ -108,61 +139,47 @@ def build_tiny_model(
     os.makedirs(out_dir, exist_ok=True)
     tok = train_tokenizer(corpus, vocab_size=vocab_size)
     tok.save_pretrained(out_dir)
-    vocab = len(tok)
-    padded_vocab = (vocab + 63) // 64 * 64
-    config = Qwen2Config(
-        vocab_size=padded_vocab,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        rope_theta=10000.0,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        torch_dtype="float32",
-        use_sliding_window=False,
-    )
+    config = _qwen2_config(tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                           num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                           max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        do_sample=True,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-    )
+    model.generation_config = _generation_config(tok)
     model.save_pretrained(out_dir, safe_serialization=True)
     with open(os.path.join(out_dir, "troupe_tiny_model.json"), "w") as f:
-        json.dump({"arch": arch, "params": sum(p.numel() for p in model.parameters()), "vocab": vocab}, f)
+        json.dump({"arch": arch, "params": sum(p.numel() for p in model.parameters()), "vocab": len(tok)}, f)
     return out_dir
+
+
+SMOKE_PROMPT = "Compute 37+48. Think in <think></think>, answer in <answer></answer>.\n"
+"""The prompt the script samples from (a string the smoke corpus covers)."""
+
+
+def _smoke_corpus() -> list[str]:
+    """A small built-in corpus (sums in the R1-Zero tag format) for the script's throwaway model."""
+    return [f"Compute {a}+{b}. Think in <think></think>, answer in <answer></answer>.\n"
+            f"<think>{a}+{b}={a + b}</think><answer>{a + b}</answer>" for a in range(0, 100, 3) for b in range(0, 100, 7)]
+
+
+def _main(argv: list[str]) -> None:
+    """Check that a model directory (argv[0], else a throwaway model built here) loads and samples in vLLM on the CPU."""
+    import tempfile
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    model_dir = argv[0] if argv else build_tiny_model(tempfile.mkdtemp(prefix="tiny_model_"), _smoke_corpus())
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=16, logprobs=0, seed=0)
+    outs = llm.generate([SMOKE_PROMPT], params)
+    for o in outs[0].outputs:
+        print(len(o.token_ids), repr(o.text), [round(next(iter(lp.values())).logprob, 3) for lp in o.logprobs][:4])
+    print("vLLM CPU load ok:", model_dir)
 
 
 if __name__ == "__main__":
     # Check that a built model loads in vLLM on the CPU:
     #   VLLM_CPU_KVCACHE_SPACE=1 python learner/tiny_model.py [model_dir]
     import sys
-    import tempfile
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if len(sys.argv) > 1:
-        model_dir = sys.argv[1]
-    else:
-        from troupe.rollout.arith import PROMPT_FORMAT, arith_rows, worked_solution
-
-        rows = arith_rows(2000, 0, 99, "train")
-        corpus = [PROMPT_FORMAT.format(question=r["question"]) + worked_solution(r) for r in rows]
-        model_dir = build_tiny_model(tempfile.mkdtemp(prefix="tiny_model_"), corpus)
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
-    params = SamplingParams(n=4, temperature=1.0, max_tokens=16, logprobs=0, seed=0)
-    outs = llm.generate(["Compute 37+48. Think in <think></think>, answer in <answer></answer>.\n"], params)
-    for o in outs[0].outputs:
-        print(len(o.token_ids), repr(o.text), [round(next(iter(lp.values())).logprob, 3) for lp in o.logprobs][:4])
-    print("vLLM CPU load ok:", model_dir)
+    _main(sys.argv[1:])

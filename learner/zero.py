@@ -4,8 +4,9 @@
 that form one torch.distributed group (gloo on CPU, NCCL on GPU). The maths lives in
 ``troupe.learner.grpo``; this file only moves tensors through the model.
 
-Loss scaling: ``grpo.aggregate_loss`` returns, for each micro-batch, its share of the
-mini-batch loss (global denominators computed by the driver), so the mini-batch loss is the
+Loss scaling: ``grpo.policy_loss`` returns, for each micro-batch, its share of the
+mini-batch loss (global denominators from ``troupe.learner.step.minibatch_norms``, computed on
+every rank from the whole batch), so the mini-batch loss is the
 SUM over micro-batches and ranks. DeepSpeed divides by gradient_accumulation_steps in
 ``backward`` and averages gradients over ranks, so each micro-batch loss is multiplied by
 ``gas * world_size`` before ``backward``: the gradient is then exactly that of the full
@@ -21,8 +22,13 @@ from typing import Optional
 
 import torch
 
+from troupe.configs.schema import AlgoConfig, RunConfig
+from troupe.core.types import TrainBatch
 from troupe.learner import grpo
-from troupe.learner.batch import TrainBatch, response_logprobs
+from troupe.learner.batch import response_logprobs, token_logprobs
+from troupe.learner.losses import LossNorm, sequence_kl
+from troupe.learner.registry import LossInputs
+from troupe.learner.step import minibatch_norms, step_advantages
 
 
 def _ds_config(*, zero_stage: int, micro: int, gas: int, world: int, lr: float, weight_decay: float,
@@ -47,63 +53,86 @@ def _ds_config(*, zero_stage: int, micro: int, gas: int, world: int, lr: float, 
 class LearnerRank:
     """One data-parallel rank of the DeepSpeed ZeRO learner.
 
+    Protocol (every call is made on every rank; each is collective under ZeRO-3):
+
+    * ``train_step(batch) -> metrics``: the whole step on this rank's rows of ``batch``
+      (rows [r*B/R, (r+1)*B/R)): old and reference log-probs, advantages of the whole batch
+      (``troupe.learner.step``; KL sums all-gathered when the KL is in the reward), the clipped
+      update over ``algo.ppo_epochs`` x ``algo.mini_batches``. Nothing is kept between calls.
+    * ``sequence_logprobs(token_ids, start)``: the sync check's learner side.
+    * ``full_state_dict()`` / ``save_weights(path)`` / ``save_hf(dir, tokenizer_dir)``: weight export.
+
     Args:
         rank, world_size: position in the torch.distributed group.
         master_addr, master_port: rendezvous of the group (rank 0's node).
         model_path: HF model directory of the initial policy (also the frozen reference).
-        cfg: ``RunConfig.model_dump()`` (plain dict; the learner reads learner/algo/model/rollout).
-        mini_batch_rows: rows of this rank's shard per optimizer step.
+        cfg: the run config (reads ``learner``, ``algo``, ``model``, ``rollout`` sampling settings,
+            ``seed``, ``device``).
+
+    The reference model (``algo.kl_coef`` > 0) is sharded like the policy under ZeRO-3 (a DeepSpeed
+    inference engine, no optimizer; OpenRLHF's way) and replicated under ZeRO-0/1/2.
 
     Raises:
         RuntimeError: if DeepSpeed cannot initialise (message from DeepSpeed).
     """
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
-                 cfg: dict, mini_batch_rows: int) -> None:
+                 cfg: RunConfig) -> None:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        self.device_kind = cfg["device"]
-        if self.device_kind == "cpu":
+        if cfg.device == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            torch.set_num_threads(cfg["learner"]["torch_threads"])
+            torch.set_num_threads(cfg.learner.torch_threads)
         import deepspeed
         from transformers import AutoModelForCausalLM
 
         self.rank, self.world = rank, world_size
-        self.lc, self.algo, self.rollout = cfg["learner"], cfg["algo"], cfg["rollout"]
-        deepspeed.init_distributed(dist_backend="gloo" if self.device_kind == "cpu" else "nccl")
-        torch.manual_seed(cfg["seed"])
-        dtype = getattr(torch, cfg["model"]["dtype"])
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        if cfg["model"]["gradient_checkpointing"]:
+        self.lc, self.algo, self.rollout = cfg.learner, cfg.algo, cfg.rollout
+        deepspeed.init_distributed(dist_backend="gloo" if cfg.device == "cpu" else "nccl")
+        torch.manual_seed(cfg.seed)
+        self.dtype = getattr(torch, cfg.model.dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.micro = min(self.lc["micro_batch_size"], mini_batch_rows)
-        self.gas = max(1, math.ceil(mini_batch_rows / self.micro))
-        ds_cfg = _ds_config(zero_stage=self.lc["zero_stage"], micro=self.micro, gas=self.gas, world=world_size,
-                            lr=self.lc["lr"], weight_decay=self.lc["weight_decay"], betas=tuple(self.lc["betas"]),
-                            grad_clip=self.lc["grad_clip"], dtype=cfg["model"]["dtype"])
+        rows = cfg.batch_size // world_size // cfg.algo.mini_batches  # rows of a mini-batch on this rank
+        self.micro = min(self.lc.micro_batch_size, rows)
+        self.gas = max(1, math.ceil(rows / self.micro))
+        ds_cfg = _ds_config(zero_stage=self.lc.zero_stage, micro=self.micro, gas=self.gas, world=world_size,
+                            lr=self.lc.lr, weight_decay=self.lc.weight_decay, betas=tuple(self.lc.betas),
+                            grad_clip=self.lc.grad_clip, dtype=cfg.model.dtype)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
-        self.ref = None
-        if self.algo["kl_coef"] > 0:
-            self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.engine.device)
-            self.ref.eval().requires_grad_(False)
-        self.temperature = self.rollout["temperature"]
+        self.ref = self._reference(model_path, cfg.model.dtype) if self.algo.kl_coef > 0 else None
         self.optimizer_steps = 0
 
+    def _reference(self, model_path: str, dtype: str):
+        """The frozen reference policy: a ZeRO-3 inference engine (sharded) or a replicated module."""
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval().requires_grad_(False)
+        if self.lc.zero_stage != 3:
+            return ref.to(self.engine.device)
+        ds_cfg = {k: v for k, v in _ds_config(zero_stage=3, micro=self.micro, gas=1, world=self.world, lr=0.0,
+                                               weight_decay=0.0, betas=(0.9, 0.999), grad_clip=0.0, dtype=dtype).items()
+                  if k not in ("optimizer", "gradient_clipping")}
+        engine, *_ = deepspeed.initialize(model=ref, config=ds_cfg)
+        return engine.eval()
+
     def ready(self) -> dict:
-        """Rank facts: rank, world size, parameter count, ZeRO stage."""
+        """Rank facts: rank, world size, parameter count, ZeRO stage, whether the reference is sharded."""
         n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
-        return {"rank": self.rank, "world": self.world, "params": n, "zero_stage": self.lc["zero_stage"]}
+        return {"rank": self.rank, "world": self.world, "params": n, "zero_stage": self.lc.zero_stage,
+                "reference": None if self.ref is None else ("zero3" if self.lc.zero_stage == 3 else "replicated")}
 
     def _forward_logprobs(self, model, b: TrainBatch, with_entropy: bool = False):
         out = model(input_ids=b.input_ids.to(self.engine.device), attention_mask=b.attention_mask.to(self.engine.device))
         logits = out.logits
-        lp = response_logprobs(logits, b.input_ids.to(logits.device), b.prompt_len, self.temperature)
+        lp = response_logprobs(logits, b.input_ids.to(logits.device), b.prompt_len, self.rollout.temperature)
         if not with_entropy:
             return lp, None
         T = b.response_len
-        ent = grpo.entropy_from_logits(logits[:, b.prompt_len - 1: b.prompt_len - 1 + T].float().detach() / self.temperature)
-        return lp, ent
+        lg = logits[:, b.prompt_len - 1: b.prompt_len - 1 + T].float().detach() / self.rollout.temperature
+        return lp, grpo.entropy_from_logits(lg)
 
     @torch.no_grad()
     def _logprobs(self, model, b: TrainBatch) -> torch.Tensor:
@@ -118,55 +147,72 @@ class LearnerRank:
         """
         ids = torch.tensor([token_ids], device=self.engine.device)
         with torch.no_grad():
-            logits = self.engine.module(input_ids=ids).logits.float()
-        lp = logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)
-        return lp[start - 1:].cpu().tolist()
+            logits = self.engine.module(input_ids=ids).logits
+        return token_logprobs(logits[0, :-1], ids[0, 1:])[start - 1:].cpu().tolist()
 
-    def prepare(self, shard: TrainBatch) -> dict:
-        """Phase 1 of a step: old (and reference) log-probs of this rank's shard, before any update.
-
-        Keeps the shard on the rank and returns {"old_logprobs": [B_r, T], "ref_logprobs": [B_r, T]
-        or None} for reward shaping in the driver (KL in the reward).
-        """
-        old = self._logprobs(self.engine.module, shard)
-        ref = self._logprobs(self.ref, shard) if self.ref is not None else None
-        self._shard = shard.with_(old_logprobs=old, ref_logprobs=ref)
-        return {"old_logprobs": old, "ref_logprobs": ref}
-
-    def set_algo(self, algo: dict) -> None:
-        """Switch the algorithm section (estimator-independent parts of the loss) between steps.
+    def set_algo(self, algo: AlgoConfig) -> None:
+        """Switch the algorithm section between steps (estimator, loss, shaping, KL strength).
 
         Raises ``ValueError`` when asking for a KL term on a rank started without a reference model.
         """
-        if algo["kl_coef"] > 0 and self.ref is None:
+        if algo.kl_coef > 0 and self.ref is None:
             raise ValueError("algo.kl_coef > 0 needs a reference model: start the learner with kl_coef > 0")
-        self.algo = dict(algo)
+        self.algo = algo
 
-    def update(self, advantages: "torch.Tensor", mini_denoms: list[dict]) -> dict:
-        """Phase 2 of a step: the GRPO update on the shard kept by ``prepare``.
+    def _rows(self, batch_size: int) -> slice:
+        per = batch_size // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def _all_gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Concatenation over ranks (rank order) of an equal-size 1-D tensor."""
+        import torch.distributed as dist
+
+        x = local.to(self.engine.device)
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts).cpu()
+
+    def train_step(self, batch: TrainBatch) -> dict:
+        """One GRPO step on this rank's rows of the whole step batch; every rank must call it.
 
         Args:
-            advantages: [B_r, T] for this rank's rows (0 where response_mask is 0).
-            mini_denoms: per mini-batch ``{"num_tokens", "num_seqs"}`` over ALL ranks.
-
+            batch: the whole step batch (B rows, B divisible by world size x mini-batches).
         Returns:
-            Metrics averaged over micro-batches (floats), "grad_norm", "logprob_mismatch"
-            (mean |old - sampling| logprob over response tokens) and "learn_seconds".
+            Metrics (floats): the loss's (averaged over micro-batches; "loss" is the mini-batch
+            loss), "grad_norm", "lr", "entropy", "logprob_mismatch" (mean |old - sampling| over this
+            rank's response tokens), the advantage statistics of ``troupe.learner.step.step_advantages``
+            and "learn_seconds".
         """
         t0 = time.time()
+        rows = self._rows(batch.size)
+        shard = batch.select(rows)
+        old = self._logprobs(self.engine.module, shard)
+        ref = self._logprobs(self.ref, shard) if self.ref is not None else None
+        kl = None
+        if self.algo.kl_in == "reward" and self.algo.kl_coef > 0:
+            kl = self._all_gather(sequence_kl(old, ref, shard.response_mask, self.algo.kl_estimator))
+        adv, stats = step_advantages(batch, self.algo, self.rollout.group_size, self.rollout.max_new_tokens, kl)
+        norms = minibatch_norms(batch.response_mask, self.world, self.algo.mini_batches, self.algo.loss_agg,
+                                self.rollout.max_new_tokens)
+        out = self._update(shard, old, ref, adv[rows], norms)
+        mask = shard.response_mask
+        out["logprob_mismatch"] = float(((old - shard.sampling_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))
+        out.update(stats, learn_seconds=time.time() - t0)
+        return out
+
+    def _update(self, shard: TrainBatch, old: torch.Tensor, ref: Optional[torch.Tensor], adv: torch.Tensor,
+                norms: list[LossNorm]) -> dict:
+        """``algo.ppo_epochs`` passes of ``len(norms)`` optimizer steps over the shard."""
         self.engine.train()
-        shard = self._shard.with_(advantages=advantages)
-        n_mini = len(mini_denoms)
-        rows = shard.size // n_mini
+        rows = shard.size // len(norms)
         sums: dict[str, float] = {}
-        count = 0
-        grad_norm = 0.0
-        for _epoch in range(self.algo["ppo_epochs"]):
-            for m in range(n_mini):
-                mb = shard.select(slice(m * rows, (m + 1) * rows))
+        count, grad_norm = 0, 0.0
+        for _epoch in range(self.algo.ppo_epochs):
+            for m, norm in enumerate(norms):
                 self._set_lr()
-                for i in range(0, mb.size, self.micro):
-                    met = self._micro_step(mb.select(slice(i, i + self.micro)), mini_denoms[m])
+                for i in range(m * rows, (m + 1) * rows, self.micro):
+                    part = slice(i, min(i + self.micro, (m + 1) * rows))
+                    met = self._micro_step(shard.select(part), old[part], None if ref is None else ref[part], adv[part], norm)
                     for k, v in met.items():
                         sums[k] = sums.get(k, 0.0) + v
                     count += 1
@@ -175,14 +221,9 @@ class LearnerRank:
                 self.optimizer_steps += 1
         out = {k: v / max(count, 1) for k, v in sums.items()}
         # each micro-batch loss is its share of the mini-batch loss: report the mini-batch loss
-        out["loss"] = sums.get("loss", 0.0) / max(self.algo["ppo_epochs"] * n_mini, 1)
+        out["loss"] = sums.get("loss", 0.0) / max(self.algo.ppo_epochs * len(norms), 1)
         out["grad_norm"] = grad_norm
         out["lr"] = self.engine.optimizer.param_groups[0]["lr"]
-        mask = shard.response_mask
-        diff = (shard.old_logprobs - shard.sampling_logprobs).abs() * mask
-        out["logprob_mismatch"] = float(diff.sum() / mask.sum().clamp(min=1))
-        out["learn_seconds"] = time.time() - t0
-        self._shard = None
         return out
 
     def _set_lr(self) -> None:
@@ -191,28 +232,23 @@ class LearnerRank:
         Done here rather than with DeepSpeed's WarmupLR, whose schedule steps after the optimizer
         and so runs the first two optimizer steps at lr = 0 when warming up from 0.
         """
-        w = self.lc["warmup_steps"]
-        lr = self.lc["lr"] * (min(1.0, (self.optimizer_steps + 1) / w) if w else 1.0)
+        w = self.lc.warmup_steps
+        lr = self.lc.lr * (min(1.0, (self.optimizer_steps + 1) / w) if w else 1.0)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-    def _micro_step(self, micro: TrainBatch, denoms: dict) -> dict:
+    def _micro_step(self, micro: TrainBatch, old: torch.Tensor, ref: Optional[torch.Tensor], adv: torch.Tensor,
+                    norm: LossNorm) -> dict:
         lp, ent = self._forward_logprobs(self.engine.module, micro, with_entropy=True)
         dev = lp.device
-        loss, met = grpo.policy_loss(
-            lp, micro.old_logprobs.to(dev), micro.advantages.to(dev), micro.response_mask.to(dev),
-            clip_low=self.algo["clip_low"], clip_high=self.algo["clip_high"],
-            dual_clip=self.algo["dual_clip"], ratio_level=self.algo["ratio_level"],
-            sampling_logp=micro.sampling_logprobs.to(dev), tis_cap=self.algo["tis_cap"],
-            ref_logp=None if micro.ref_logprobs is None else micro.ref_logprobs.to(dev),
-            kl_coef=self.algo["kl_coef"] if self.algo["kl_in"] == "loss" else 0.0,
-            kl_estimator=self.algo["kl_estimator"], loss_agg=self.algo["loss_agg"],
-            num_tokens=denoms["num_tokens"], num_seqs=denoms["num_seqs"],
-            max_len=self.rollout["max_new_tokens"],
-        )
+        inp = LossInputs(lp, old.to(dev), adv.to(dev), micro.response_mask.to(dev), micro.sampling_logprobs.to(dev),
+                         None if ref is None else ref.to(dev))
+        a = self.algo
+        loss, met = grpo.policy_loss(inp, a.policy_loss, norm, tis_cap=a.tis_cap,
+                                     kl_coef=a.kl_coef if a.kl_in == "loss" else 0.0, kl_estimator=a.kl_estimator)
         self.engine.backward(loss * self.gas * self.world)
         self.engine.step()
-        mask = micro.response_mask.to(dev)
+        mask = inp.response_mask
         out = {k: float(v) for k, v in met.items()}
         out["entropy"] = float((ent * mask).sum() / mask.sum().clamp(min=1))
         out["loss"] = float(loss.detach())
@@ -231,7 +267,7 @@ class LearnerRank:
 
         module = self.engine.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
-                                               enabled=self.lc["zero_stage"] == 3):
+                                               enabled=self.lc.zero_stage == 3):
             if self.rank != 0:
                 return None
             names = {n for n, _ in module.named_parameters(remove_duplicate=False)}

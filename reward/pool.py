@@ -39,66 +39,37 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from troupe.configs.schema import RewardConfig
-from troupe.reward.registry import load_reward_function
-from troupe.reward.scoring import part_names, score_batch
-from troupe.rollout.steps import step_texts
-from troupe.rollout.types import Group
+from troupe.core.steps import step_texts
+from troupe.core.types import Group
+from troupe.reward.scoring import RewardSet, ScoreResult, column_names, part_names, reward_columns
 
-__all__ = ["RewardPool", "RewardWorker", "function_specs", "part_names"]
+__all__ = ["RewardPool", "RewardWorker"]
 
 logger = logging.getLogger(__name__)
 
-_RESERVED_COLUMNS = ("prompts", "completions", "answer")
 _HEALTH_GROUP = "health"
 _STARTUP_TIMEOUT_S = 300.0
-
-
-def function_specs(cfg: RewardConfig) -> list[tuple[str, float, str]]:
-    """``[(name, weight, kind), ...]`` from a RewardConfig (plain tuples, cheap to send to actors)."""
-    return [(f.name, float(f.weight), f.kind) for f in cfg.functions]
 
 
 class RewardWorker:
     """Scores groups with the configured reward functions (one per Ray actor, or in-process).
 
     Args:
-        functions: ``[(spec, weight), ...]`` or ``[(spec, weight, kind), ...]`` with kind
-            ``"outcome"`` (default) or ``"process"``; specs as accepted by
-            :func:`troupe.reward.registry.load_reward_function`, loaded here (in the worker
-            process, so plugin modules must be importable there).
-        timeout_s: per-sample timeout (RewardConfig.timeout_s).
-        on_failure: ``"zero"`` or ``"exclude"`` (RewardConfig.on_failure).
-        step_delimiter: where completions are cut into steps for process functions
-            (RewardConfig.step_delimiter, ``troupe.rollout.steps.step_texts``).
+        cfg: the run's RewardConfig; its functions are loaded here (a
+            :class:`troupe.reward.scoring.RewardSet`, in the worker process, so plugin modules
+            must be importable there).
     Raises:
-        ValueError: a spec cannot be loaded (message names the spec), or a kind is unknown.
+        ValueError: a spec cannot be loaded (message names the spec).
     """
 
-    def __init__(
-        self,
-        functions: Sequence[tuple],
-        timeout_s: float,
-        on_failure: Literal["zero", "exclude"],
-        step_delimiter: str = "\n",
-    ) -> None:
-        if not functions:
-            raise ValueError("RewardWorker: no reward functions configured")
-        specs = [(f[0], float(f[1]), f[2] if len(f) > 2 else "outcome") for f in functions]
-        for spec, _, kind in specs:
-            if kind not in ("outcome", "process"):
-                raise ValueError(f"reward function {spec!r}: kind must be 'outcome' or 'process', got {kind!r}")
-        names = part_names([spec for spec, _, _ in specs])
-        self._fns = [(name, load_reward_function(spec), weight) for name, (spec, weight, _) in zip(names, specs)]
-        self._process = {name for name, (_, _, kind) in zip(names, specs) if kind == "process"}
-        self._step_delimiter = step_delimiter
-        self._timeout_s = float(timeout_s)
-        self._on_failure = on_failure
+    def __init__(self, cfg: RewardConfig) -> None:
+        self._rewards = RewardSet(cfg)
         self._restarted = False
         try:
             if ray.is_initialized():
@@ -114,62 +85,53 @@ class RewardWorker:
         Runs in its own actor thread (concurrency group ``health``), so it answers while
         ``score`` is busy, unless the interpreter itself is blocked.
         """
-        return [name for name, _, _ in self._fns]
+        return list(self._rewards.names)
 
     def score(self, groups: list[Group]) -> list[Group]:
         """Score every sample of every group and return the groups filled in.
 
-        Each group is scored as one batch (``score_batch``; its samples share the prompt and
+        Each group is scored as one batch (``RewardSet.score``; its samples share the prompt and
         reference). Reward functions receive ``prompts`` (``prompt.question``), ``completions``
         (``sample.text``), ``answer`` (``prompt.answer``) and every key of ``prompt.columns``
-        present in any group of the batch (None where a group lacks it; keys named
-        ``prompts``/``completions``/``answer`` are skipped).
+        present in any group of the batch (None where a group lacks it; keys named ``answer``
+        or in ``troupe.reward.scoring.RESERVED_COLUMNS`` are skipped).
 
         Sets on each group: ``rewards`` ([G] combined reward or None), ``reward_parts``
         (name -> [G]), ``step_rewards`` (process functions only: [G] per-step lists, the
         completions cut by ``step_texts``), and adds to ``failures``: counts per cause
-        (``exception``, ``timeout``, ``nan``, ``type``; per function-sample pair), ``none`` (function returned None: not a
-        failure, the sample is left out of group statistics) and ``worker_restart``.
+        (``exception``, ``timeout``, ``nan``, ``type``; per function-sample pair), ``none``
+        (function returned None: not a failure, the sample is left out of group statistics)
+        and ``worker_restart``.
 
         Args:
             groups: groups with samples.
         Returns:
             The same groups (in order), scored.
         """
-        keys: list[str] = []
-        for g in groups:
-            for k in g.prompt.columns:
-                if k not in keys and k not in _RESERVED_COLUMNS:
-                    keys.append(k)
+        keys = column_names(g.prompt.columns for g in groups)
         for g in groups:
             n = len(g.samples)
-            columns: dict[str, list[Any]] = {"answer": [g.prompt.answer] * n}
-            for k in keys:
-                columns[k] = [g.prompt.columns.get(k)] * n
-            res = score_batch(
-                self._fns,
-                [g.prompt.question] * n,
-                [s.text for s in g.samples],
-                columns,
-                timeout_s=self._timeout_s,
-                on_failure=self._on_failure,
-                process=self._process,
-                steps=[step_texts(s.text, self._step_delimiter) for s in g.samples] if self._process else None,
-            )
-            g.rewards = res.rewards
-            g.reward_parts = res.parts
-            g.step_rewards = res.step_rewards
-            counts = dict(res.failures)
-            if res.none_count:
-                counts["none"] = res.none_count
-            for k, v in counts.items():
-                g.failures[k] = g.failures.get(k, 0) + v
-            for name, msg in res.messages.items():
-                logger.warning("reward %s: %s", name, msg)
+            columns = reward_columns([g.prompt.answer] * n, [g.prompt.columns] * n, keys)
+            res = self._rewards.score([g.prompt.question] * n, [s.text for s in g.samples], columns)
+            _fill_group(g, res)
         if self._restarted and groups:
             groups[0].failures["worker_restart"] = groups[0].failures.get("worker_restart", 0) + 1
             self._restarted = False
         return groups
+
+
+def _fill_group(g: Group, res: ScoreResult) -> None:
+    """Copy one group's ScoreResult into it: rewards, parts, step rewards, failure counts."""
+    g.rewards = res.rewards
+    g.reward_parts = res.parts
+    g.step_rewards = res.step_rewards
+    counts = dict(res.failures)
+    if res.none_count:
+        counts["none"] = res.none_count
+    for k, v in counts.items():
+        g.failures[k] = g.failures.get(k, 0) + v
+    for name, msg in res.messages.items():
+        logger.warning("reward %s: %s", name, msg)
 
 
 class _Wedged(Exception):
@@ -215,14 +177,11 @@ class RewardPool:
     ) -> None:
         if not ray.is_initialized():
             raise RuntimeError("RewardPool needs Ray: call ray.init() first")
-        self._specs = function_specs(cfg)
         if runtime_env is None:  # fail fast, in the driver, with the loader's message
-            for spec, _, _ in self._specs:
-                load_reward_function(spec)
-        self._names = part_names([spec for spec, _, _ in self._specs])
-        self._step_delimiter = cfg.step_delimiter
-        self._has_process = any(kind == "process" for _, _, kind in self._specs)
-        self._timeout_s = cfg.timeout_s
+            RewardSet(cfg)
+        self._cfg = cfg
+        self._names = part_names([f.name for f in cfg.functions])
+        self._has_process = any(f.kind == "process" for f in cfg.functions)
         self._on_failure = cfg.on_failure
         self._heartbeat_s = max(60.0, 3.0 * cfg.timeout_s) if heartbeat_s is not None and heartbeat_s < 0 else heartbeat_s
         cpus = cfg.num_cpus_per_worker if num_cpus_per_worker is None else num_cpus_per_worker
@@ -244,7 +203,7 @@ class RewardPool:
             self.wait_ready()
 
     def _new_worker(self) -> Any:
-        return self._actor_cls.remote(self._specs, self._timeout_s, self._on_failure, self._step_delimiter)
+        return self._actor_cls.remote(self._cfg)
 
     @property
     def num_workers(self) -> int:
@@ -395,7 +354,7 @@ class RewardPool:
     def _failed_steps(self, g: Group) -> list[Optional[list[float]]]:
         if self._on_failure == "exclude":
             return [None] * len(g.samples)
-        return [[0.0] * len(step_texts(smp.text, self._step_delimiter)) for smp in g.samples]
+        return [[0.0] * len(step_texts(smp.text, self._cfg.step_delimiter)) for smp in g.samples]
 
     def _get_one(self, ref: ray.ObjectRef, timeout: Optional[float]) -> list[Group]:
         deadline = None if timeout is None else time.monotonic() + timeout

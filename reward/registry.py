@@ -12,7 +12,7 @@ allowed (``troupe.reward.scoring`` runs them with ``asyncio.run``).
 
 Process reward functions (config ``kind: process``) also get ``steps`` (per completion, the list
 of its reasoning-step texts) and return per completion a list of one score per step
-(``troupe.reward.scoring``); ``arith_steps`` is the built-in one.
+(``troupe.reward.scoring``).
 
 This module imports no Ray, torch or vLLM.
 """
@@ -98,33 +98,6 @@ def language(prompts: list[str], completions: list[Any], **columns: Any) -> list
     return [V.language_consistency_reward(_text(c), _text(p)) for c, p in zip(completions, prompts)]
 
 
-def arith_steps(prompts: list[str], completions: list[Any], steps: list[list[str]], **columns: Any) -> list[list[float]]:
-    """Built-in process reward "arith_steps" (kind: process) for the arithmetic demo task.
-
-    A rule-based process verifier with gold step labels (as Math-Shepherd labels steps
-    automatically): the reference is the column-addition worked solution of
-    ``troupe.rollout.arith.worked_solution`` cut at ``","`` (reward.step_delimiter: ","), e.g.
-    for 67+48 the steps ``<think>7+8=15``, ``6+4+1=11``, ``so 115</think><answer>115</answer>``.
-    Step j < S-1 of a completion scores 1.0 when it equals reference step j (whitespace
-    stripped) and 0.0 otherwise (a dropped carry, a wrong digit sum, an extra step); the last
-    step scores the outcome, :func:`troupe.reward.verifiers.accuracy_reward` of the whole
-    completion against ``answer``.
-
-    Inputs: ``prompts`` (the questions, ``"67+48"``), ``completions``, ``steps`` ([N] lists of
-    step texts), ``answer``. Output: [N] lists of len(steps[i]) scores.
-    Raises ValueError when ``answer`` is missing or a question is not an addition.
-    """
-    from troupe.rollout.arith import worked_solution
-
-    answers = _answers(len(completions), columns)
-    out = []
-    for q, c, st, a in zip(prompts, completions, steps, answers):
-        gold = [g.strip() for g in worked_solution({"question": _text(q).strip()}).split(",")]
-        scores = [1.0 if j < len(gold) - 1 and t.strip() == gold[j] else 0.0 for j, t in enumerate(st[:-1])]
-        out.append(scores + [V.accuracy_reward(_text(c), a)])
-    return out
-
-
 BUILTIN_REWARDS: Mapping[str, RewardFn] = MappingProxyType(
     {
         "accuracy": accuracy,
@@ -132,7 +105,6 @@ BUILTIN_REWARDS: Mapping[str, RewardFn] = MappingProxyType(
         "gsm8k": gsm8k,
         "math": math,
         "language": language,
-        "arith_steps": arith_steps,
     }
 )
 """Built-in reward functions by config name (read-only)."""
@@ -238,8 +210,7 @@ def load_reward_function(name: str) -> RewardFn:
     """Resolve a reward-function spec to a callable with the TRL reward signature.
 
     Args:
-        name: a built-in name (``accuracy``, ``format``, ``gsm8k``, ``math``, ``language``,
-            ``arith_steps``),
+        name: a built-in name (``accuracy``, ``format``, ``gsm8k``, ``math``, ``language``),
             ``package.module:function`` (importable on the worker's ``sys.path``), or
             ``/path/to/file.py:function`` (a file; relative paths resolve against the
             current directory). ``function`` may be a dotted attribute path (``Class.method``).

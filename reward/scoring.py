@@ -1,7 +1,8 @@
 """Score a batch of completions with several reward functions, surviving bad ones.
 
-No Ray here: the reward workers (``troupe.reward.pool``) and ``troupe score`` both call
-:func:`score_batch` in-process.
+No Ray here: the reward workers (``troupe.reward.pool``) and ``troupe score``
+(``troupe.cluster.score_cli``) both load a :class:`RewardSet` from the run's ``RewardConfig``
+and score in-process with :meth:`RewardSet.score` (which calls :func:`score_batch`).
 
 How a function is run (per function, per batch):
 
@@ -35,7 +36,7 @@ Failure counts are per (function, sample) pair: a sample on which two functions 
 twice.
 
 Process reward functions (names in ``process``; DeepSeekMath 4.1.3 process supervision) get
-one more keyword, ``steps`` ([N] lists of step texts, ``troupe.rollout.steps.step_texts``), and
+one more keyword, ``steps`` ([N] lists of step texts, ``troupe.core.steps.step_texts``), and
 return per completion a list with one score per step (None for a step = no score for that
 step, NaN in ``step_rewards``; a list of only None = no score for the sample). A list of the
 wrong length counts as ``"type"``, a NaN or inf element as ``"nan"``. They fill
@@ -52,12 +53,32 @@ import math
 import numbers
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Literal, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Literal, Mapping, Optional, Sequence
 
-__all__ = ["FAILURE_CAUSES", "ScoreResult", "call_with_timeout", "part_names", "score_batch"]
+from troupe.core.steps import step_texts
+from troupe.reward.registry import load_reward_function
+
+if TYPE_CHECKING:
+    from troupe.configs.schema import RewardConfig
+
+__all__ = [
+    "FAILURE_CAUSES",
+    "RESERVED_COLUMNS",
+    "RewardSet",
+    "ScoreResult",
+    "call_with_timeout",
+    "column_names",
+    "part_names",
+    "reward_columns",
+    "score_batch",
+]
 
 FAILURE_CAUSES = ("exception", "timeout", "nan", "type")
 """The failure causes :func:`score_batch` counts, in ``ScoreResult.failures``."""
+
+RESERVED_COLUMNS = ("prompts", "completions", "steps")
+"""Keywords troupe itself passes to reward functions; no data column may take these names
+(:func:`score_batch` rejects such a column, :func:`column_names` leaves it out)."""
 
 _MAX_MESSAGE = 500
 
@@ -271,6 +292,102 @@ def _score_one_function(
     return scores, causes, message
 
 
+def _check_arguments(names: list[str], num_prompts: int, n: int, columns: Mapping[str, Sequence[Any]],
+                     on_failure: str, process: Collection[str], steps: Optional[Sequence[Sequence[str]]]) -> None:
+    """Raise ValueError for the caller errors listed in :func:`score_batch` (``n`` completions)."""
+    if num_prompts != n:
+        raise ValueError(f"score_batch: {num_prompts} prompts for {n} completions")
+    for k, v in columns.items():
+        if len(v) != n:
+            raise ValueError(f"score_batch: column {k!r} has {len(v)} values for {n} completions")
+        if k in RESERVED_COLUMNS:
+            raise ValueError(f"score_batch: column name {k!r} is reserved")
+    if on_failure not in ("zero", "exclude"):
+        raise ValueError(f"score_batch: on_failure must be 'zero' or 'exclude', got {on_failure!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"score_batch: duplicate reward function names {names}")
+    if set(process) - set(names):
+        raise ValueError(f"score_batch: process functions {sorted(set(process) - set(names))} are not in fns")
+    if process and (steps is None or len(steps) != n or any(len(st) < 1 for st in steps)):
+        raise ValueError("score_batch: process functions need steps: [N] lists of at least one step text")
+
+
+def _score_part(
+    fn: Callable,
+    is_process: bool,
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    columns: Mapping[str, Sequence[Any]],
+    steps: Optional[Sequence[Sequence[str]]],
+    timeout_s: float,
+    batch_timeout_s: float,
+) -> tuple[list[Any], list[Optional[str]], Optional[str]]:
+    """(scores, causes, first message) of one function; a process function also gets ``steps``
+    and returns [S_i] scores per sample (``_check_steps``), an outcome one a score (``_check_value``)."""
+    if is_process:
+        cols = {**columns, "steps": [list(st) for st in steps]}
+        check = lambda v, i: _check_steps(v, len(steps[i]))  # noqa: E731
+    else:
+        cols, check = columns, lambda v, i: _check_value(v)  # noqa: E731
+    return _score_one_function(fn, list(prompts), list(completions), cols, timeout_s, batch_timeout_s, check)
+
+
+@dataclass
+class _Sums:
+    """Running weighted sums of :func:`score_batch` over the functions, per sample.
+
+    Attributes:
+        totals: [N] sum over all functions (a process function by the mean of its step scores).
+        outcome: [N] sum over the outcome functions only (added to the last step).
+        per_step: [N][S_i] sum over the process functions per step (empty without them).
+        excluded: [N] True where the combined reward is None.
+    """
+
+    totals: list[float]
+    outcome: list[float]
+    per_step: list[list[float]]
+    excluded: list[bool]
+
+    @classmethod
+    def start(cls, n: int, steps: Optional[Sequence[Sequence[str]]]) -> "_Sums":
+        per_step = [[0.0] * len(st) for st in steps] if steps is not None else []
+        return cls([0.0] * n, [0.0] * n, per_step, [False] * n)
+
+    def add(
+        self, result: ScoreResult, weight: float, scores: list[Any], part: list[Optional[float]],
+        causes: list[Optional[str]], is_process: bool, on_failure: str,
+    ) -> None:
+        """Add one function's weighted scores; count its failures and Nones in ``result``."""
+        for i, cause in enumerate(causes):
+            if cause is not None:
+                result.failures[cause] = result.failures.get(cause, 0) + 1
+                self.excluded[i] = self.excluded[i] or on_failure == "exclude"
+            elif scores[i] is None:
+                result.none_count += 1
+                self.excluded[i] = True
+            elif is_process:
+                self.totals[i] += weight * part[i]
+                self.per_step[i] = [acc + weight * x for acc, x in zip(self.per_step[i], scores[i])]
+            else:
+                self.totals[i] += weight * scores[i]
+                self.outcome[i] += weight * scores[i]
+
+    def rewards(self) -> list[Optional[float]]:
+        return [None if ex else total for total, ex in zip(self.totals, self.excluded)]
+
+    def step_rewards(self, has_outcome: bool) -> list[Optional[list[float]]]:
+        """Per-step sums with the outcome sum added to the last step (replacing a NaN last step
+        when there are outcome functions); None for an excluded sample."""
+        out: list[Optional[list[float]]] = []
+        for steps, outcome, excluded in zip(self.per_step, self.outcome, self.excluded):
+            if excluded:
+                out.append(None)
+                continue
+            last = outcome if (math.isnan(steps[-1]) and has_outcome) else steps[-1] + outcome
+            out.append(steps[:-1] + [last])
+        return out
+
+
 def score_batch(
     fns: Sequence[tuple[str, Callable, float]],
     prompts: Sequence[Any],
@@ -301,75 +418,31 @@ def score_batch(
         A :class:`ScoreResult`.
     Raises:
         ValueError: only for caller errors (lengths of prompts/columns/steps differ from
-            completions, duplicate names, unknown process names, bad ``on_failure``), never for a
-            bad reward function.
+            completions, a column named in ``RESERVED_COLUMNS``, duplicate names, unknown
+            process names, bad ``on_failure``), never for a bad reward function.
     """
-    n = len(completions)
-    if len(prompts) != n:
-        raise ValueError(f"score_batch: {len(prompts)} prompts for {n} completions")
-    for k, v in columns.items():
-        if len(v) != n:
-            raise ValueError(f"score_batch: column {k!r} has {len(v)} values for {n} completions")
-        if k in ("prompts", "completions", "steps"):
-            raise ValueError(f"score_batch: column name {k!r} is reserved")
-    if on_failure not in ("zero", "exclude"):
-        raise ValueError(f"score_batch: on_failure must be 'zero' or 'exclude', got {on_failure!r}")
-    names = [name for name, _, _ in fns]
-    if len(set(names)) != len(names):
-        raise ValueError(f"score_batch: duplicate reward function names {names}")
-    if set(process) - set(names):
-        raise ValueError(f"score_batch: process functions {sorted(set(process) - set(names))} are not in fns")
-    if process and (steps is None or len(steps) != n or any(len(st) < 1 for st in steps)):
-        raise ValueError("score_batch: process functions need steps: [N] lists of at least one step text")
-    batch_timeout = timeout_s if batch_timeout_s is None else batch_timeout_s
-
+    n, names = len(completions), [name for name, _, _ in fns]
+    _check_arguments(names, len(prompts), n, columns, on_failure, process, steps)
     result = ScoreResult(rewards=[None] * n, parts={})
     if n == 0:
         result.parts = {name: [] for name in names}
         result.errors = {name: [] for name in names}
         return result
-    totals = [0.0] * n
-    outcome = [0.0] * n
-    per_step = [[0.0] * len(steps[i]) for i in range(n)] if process else []
-    excluded = [False] * n
+    batch_timeout = timeout_s if batch_timeout_s is None else batch_timeout_s
+    sums = _Sums.start(n, steps if process else None)
     for name, fn, weight in fns:
         is_process = name in process
-        if is_process:
-            cols = {**columns, "steps": [list(st) for st in steps]}
-            check = lambda v, i: _check_steps(v, len(steps[i]))  # noqa: E731
-        else:
-            cols, check = columns, lambda v, i: _check_value(v)  # noqa: E731
-        scores, causes, message = _score_one_function(
-            fn, list(prompts), list(completions), cols, timeout_s, batch_timeout, check
+        scores, causes, message = _score_part(
+            fn, is_process, prompts, completions, columns, steps, timeout_s, batch_timeout
         )
         result.parts[name] = [_nanmean(v) for v in scores] if is_process else scores
         result.errors[name] = causes
         if message:
             result.messages[name] = message
-        for i in range(n):
-            if causes[i] is not None:
-                result.failures[causes[i]] = result.failures.get(causes[i], 0) + 1
-                if on_failure == "exclude":
-                    excluded[i] = True
-            elif scores[i] is None:
-                result.none_count += 1
-                excluded[i] = True
-            elif is_process:
-                totals[i] += weight * result.parts[name][i]
-                per_step[i] = [acc + weight * x for acc, x in zip(per_step[i], scores[i])]
-            else:
-                totals[i] += weight * scores[i]
-                outcome[i] += weight * scores[i]
-    result.rewards = [None if excluded[i] else totals[i] for i in range(n)]
+        sums.add(result, weight, scores, result.parts[name], causes, is_process, on_failure)
+    result.rewards = sums.rewards()
     if process:
-        has_outcome = len(process) < len(fns)
-        for i in range(n):
-            if excluded[i]:
-                result.step_rewards.append(None)
-                continue
-            last = per_step[i][-1]
-            last = outcome[i] if (math.isnan(last) and has_outcome) else last + outcome[i]
-            result.step_rewards.append(per_step[i][:-1] + [last])
+        result.step_rewards = sums.step_rewards(has_outcome=len(process) < len(fns))
     return result
 
 
@@ -379,3 +452,105 @@ def _nanmean(v: Optional[list[float]]) -> Optional[float]:
         return None
     valid = [x for x in v if not math.isnan(x)]
     return math.fsum(valid) / len(valid)
+
+
+def column_names(rows: Iterable[Mapping[str, Any]], skip: Collection[str] = ()) -> list[str]:
+    """The data columns to hand to reward functions besides ``answer``.
+
+    Args:
+        rows: mappings of column name -> value (a prompt's ``columns``, an input row).
+        skip: more names to leave out (e.g. the fields ``troupe score`` reads itself).
+    Returns:
+        Every key of any row, in first-seen order, except ``answer`` (the caller fills it from
+        the reference, :func:`reward_columns`), ``RESERVED_COLUMNS`` and ``skip``.
+    """
+    keys: dict[str, None] = {}
+    for row in rows:
+        for k in row:
+            if k != "answer" and k not in RESERVED_COLUMNS and k not in skip:
+                keys.setdefault(k)
+    return list(keys)
+
+
+def reward_columns(
+    answers: Sequence[Any], rows: Sequence[Mapping[str, Any]], keys: Sequence[str]
+) -> dict[str, list[Any]]:
+    """The ``columns`` argument of :meth:`RewardSet.score` for N samples.
+
+    Args:
+        answers: [N] reference answers (the ``answer`` column).
+        rows: [N] mappings the other columns are read from (one per sample).
+        keys: column names (:func:`column_names`); a row without a key gives None.
+    Returns:
+        ``{"answer": [N], key: [N] for key in keys}``.
+    """
+    columns: dict[str, list[Any]] = {"answer": list(answers)}
+    for k in keys:
+        columns[k] = [row.get(k) for row in rows]
+    return columns
+
+
+class RewardSet:
+    """The reward functions of a ``RewardConfig``, loaded once, and how to score with them.
+
+    The reward workers (``troupe.reward.pool.RewardWorker``) and ``troupe score`` both score
+    through this class, so the two apply the functions the same way.
+
+    Args:
+        cfg: a ``troupe.configs.schema.RewardConfig``: ``functions`` (each a spec for
+            :func:`troupe.reward.registry.load_reward_function`, a weight and a kind),
+            ``timeout_s``, ``on_failure``, ``step_delimiter``.
+    Attributes:
+        names: [F] part names in config order (:func:`part_names`; keys of ``ScoreResult.parts``).
+        process: the part names of the functions of kind ``process``.
+        fns: [F] (name, function, weight), as :func:`score_batch` takes them.
+        timeout_s, on_failure, step_delimiter: from ``cfg``.
+    Raises:
+        ValueError: no functions, or a spec cannot be loaded (the loader's message names it;
+            plugin modules must be importable in this process).
+    """
+
+    def __init__(self, cfg: "RewardConfig") -> None:
+        if not cfg.functions:
+            raise ValueError("no reward functions configured")
+        self.names: list[str] = part_names([f.name for f in cfg.functions])
+        self.process: frozenset[str] = frozenset(
+            name for name, f in zip(self.names, cfg.functions) if f.kind == "process"
+        )
+        self.timeout_s = float(cfg.timeout_s)
+        self.on_failure: Literal["zero", "exclude"] = cfg.on_failure
+        self.step_delimiter: str = cfg.step_delimiter
+        self.fns: list[tuple[str, Callable, float]] = [
+            (name, load_reward_function(f.name), float(f.weight)) for name, f in zip(self.names, cfg.functions)
+        ]
+
+    def steps(self, completions: Sequence[Any]) -> list[list[str]]:
+        """[N] lists of the step texts of each completion (``troupe.core.steps.step_texts`` at
+        ``step_delimiter``; at least one step each)."""
+        return [step_texts(str(c), self.step_delimiter) for c in completions]
+
+    def score(
+        self, prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Sequence[Any]]
+    ) -> ScoreResult:
+        """Score N completions with every function and combine them (:func:`score_batch`).
+
+        With process functions the completions are cut into steps first (:meth:`steps`) and
+        ``ScoreResult.step_rewards`` is filled.
+
+        Args:
+            prompts: [N] prompts (raw questions).
+            completions: [N] completions.
+            columns: column name -> [N] values (:func:`reward_columns`; ``answer`` for the
+                built-ins).
+        Returns:
+            A :class:`ScoreResult`.
+        Raises:
+            ValueError: caller errors only (lengths differ, a column in ``RESERVED_COLUMNS``).
+        """
+        return score_batch(
+            self.fns, prompts, completions, columns,
+            timeout_s=self.timeout_s,
+            on_failure=self.on_failure,
+            process=self.process,
+            steps=self.steps(completions) if self.process else None,
+        )

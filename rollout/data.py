@@ -1,9 +1,14 @@
-"""Prompt data loaders: JSONL and Parquet files, and the GSM8K / MATH-500 presets.
+"""Prompt data loaders: JSONL and Parquet files, data-source plugins, and the GSM8K / MATH-500 presets.
 
 Every row is checked when the file is read, before any actor starts: a row that is not a
 JSON object, lacks the prompt or answer field, has a non-string prompt, or an answer that is
 neither a string nor a number raises :class:`DataError` naming ``file:line`` (1-based line
 for JSONL, 0-based row index for Parquet) and the field.
+
+A data-source plugin (config ``data.source: "package.module:object"``) generates rows in-process
+instead; :class:`DataSource` is its interface, :func:`load_data_source` loads it and
+:func:`source_options` validates ``data.options`` with its ``Options`` model. Its rows are checked
+like a file's.
 
 Preset data live outside the repository, in ``../shared/data`` relative to the repository
 root (see that folder's README), or under ``$TROUPE_DATA_DIR`` when it is set.
@@ -13,17 +18,97 @@ This module imports no torch, Ray or vLLM (pyarrow only for Parquet, lazily).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Protocol
 
-__all__ = ["DataError", "PRESETS", "data_dir", "load_preset", "load_rows", "preset_path"]
+from pydantic import BaseModel, ValidationError
+
+__all__ = ["DataError", "DataSource", "PRESETS", "check_rows", "data_dir", "load_data_source", "load_preset",
+           "load_rows", "preset_path", "source_options"]
 
 
 class DataError(ValueError):
-    """A data file or row that cannot be used; the message names ``file:line`` and the field."""
+    """A data source, file or row that cannot be used; the message names ``data.source`` /
+    ``data.options.<key>``, or ``file:line`` and the field."""
+
+
+class DataSource(Protocol):
+    """What a data-source plugin (``data.source: "package.module:object"``) provides.
+
+    A class with static methods or a module-level object; the arithmetic demo's is
+    ``troupe.demo.arith:ArithTask``.
+
+    Attributes:
+        Options: a pydantic model (``extra="forbid"``, bounds, descriptions) validating ``data.options``.
+    Methods:
+        rows(options, seed, num_eval): (train rows, ``num_eval`` held-out rows), dicts with a
+            string ``question`` and an ``answer``; other keys ride along as reward columns.
+        cold_start(rows, options, seed) (optional): ``[(question, completion)]`` for ``sft.enabled``
+            (DeepSeek-R1's cold start), from the first ``sft.num_examples`` training rows; the
+            question is formatted into a prompt like the RL prompts.
+        tokenizer_corpus(rows) (optional): extra texts (e.g. worked solutions) the locally built
+            tokenizer of ``builtin:`` models is trained on, besides the prompts.
+    """
+
+    Options: type[BaseModel]
+
+    def rows(self, options: Any, seed: int, num_eval: int) -> tuple[list[dict], list[dict]]: ...
+
+
+def load_data_source(spec: str) -> Any:
+    """The plugin object named by ``data.source`` ``"package.module:object"`` (``object`` may be dotted).
+
+    Raises:
+        DataError: naming ``data.source``, when the module does not import, the object is
+            missing, or it lacks ``Options`` (a pydantic model) or a callable ``rows``.
+    """
+    where = f"data.source {spec!r}"
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise DataError(f"{where}: expected 'package.module:object'")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the plugin's
+        raise DataError(f"{where}: importing module {module_name!r} failed: {type(e).__name__}: {e}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise DataError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    options = getattr(obj, "Options", None)
+    if not (isinstance(options, type) and issubclass(options, BaseModel)) or not callable(getattr(obj, "rows", None)):
+        raise DataError(f"{where}: a data source needs an Options pydantic model and a rows(options, seed, num_eval) "
+                        "method (see troupe.rollout.data.DataSource)")
+    return obj
+
+
+def source_options(source: Any, options: Mapping[str, Any]) -> BaseModel:
+    """``data.options`` validated by ``source.Options``.
+
+    Raises:
+        DataError: one line per bad value, each naming ``data.options.<key>``.
+    """
+    try:
+        return source.Options.model_validate(dict(options))
+    except ValidationError as err:
+        lines = [f"data.options: invalid options for the data source ({err.error_count()} error(s)):"]
+        for e in err.errors():
+            key = ".".join(["data.options", *(str(x) for x in e["loc"])])
+            if e["type"] == "extra_forbidden":
+                lines.append(f"  {key}: unknown key")
+            else:
+                lines.append(f"  {key}: {e['msg']} (got {e['input']!r})" if e["loc"] else f"  {key}: {e['msg']}")
+        raise DataError("\n".join(lines)) from None
+
+
+def check_rows(rows: Any, where: str) -> list[dict]:
+    """Check generated rows as file rows are checked (dicts, string ``question``, ``answer``); ``where`` names them."""
+    if not isinstance(rows, list):
+        raise DataError(f"{where}: expected a list of rows, got {type(rows).__name__}")
+    return [_check_row(r, f"{where} {i}", "question", "answer") for i, r in enumerate(rows)]
 
 
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(

@@ -8,7 +8,7 @@ compares against (learner logits are divided by the same temperature).
 
 Weight reload goes through a vLLM worker extension (``WeightReloadExtension``): the worker
 reads a safetensors file and calls vLLM's in-place ``reload_weights`` (plain
-``model.load_weights`` fails on the CPU backend after the first load, see DESIGN.md), then
+``model.load_weights`` fails on the CPU backend after the first load, see docs/design.md), then
 the prefix cache is reset so no KV computed by old weights is reused.
 """
 
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
 
-from troupe.rollout.steps import decoded_prefix_lengths, split_steps, step_token_ends
-from troupe.rollout.types import Group, Prompt, Sample
+from troupe.configs.schema import RolloutConfig
+from troupe.core.steps import decoded_prefix_lengths, split_steps, step_token_ends
+from troupe.core.types import Group, Prompt, Sample, Sampling
 
 
 class WeightReloadExtension:
@@ -53,43 +53,32 @@ class RolloutEngine:
 
     Args:
         model_path: HF model directory.
-        dtype: "float32" | "bfloat16" | "float16".
-        max_model_len: prompt + response token cap.
-        seed: sampling seed (each engine gets a different one).
+        rollout: the run's rollout section (max_model_len, KV cache / GPU memory, eager mode, GPUs
+            per engine = tensor parallel size).
+        dtype: "float32" | "bfloat16" | "float16" (model.dtype).
+        seed: the engine's sampling seed (each engine gets a different one).
         device: "cpu" or "gpu".
-        kv_cache_gib: CPU KV cache size (VLLM_CPU_KVCACHE_SPACE).
-        gpu_memory_utilization, enforce_eager, tensor_parallel_size: passed to ``vllm.LLM``.
     """
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        dtype: str = "float32",
-        max_model_len: int = 512,
-        seed: int = 0,
-        device: str = "cpu",
-        kv_cache_gib: float = 1.0,
-        gpu_memory_utilization: float = 0.5,
-        enforce_eager: bool = True,
-        tensor_parallel_size: int = 1,
-    ) -> None:
+    def __init__(self, model_path: str, rollout: RolloutConfig, *, dtype: str = "float32", seed: int = 0,
+                 device: str = "cpu") -> None:
         if device == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(rollout.kv_cache_gib)))))
         from vllm import LLM
 
         kw = dict(
             model=model_path,
             dtype=dtype,
-            max_model_len=max_model_len,
+            max_model_len=rollout.max_model_len,
             seed=seed,
-            enforce_eager=enforce_eager,
+            enforce_eager=rollout.enforce_eager,
             logprobs_mode="processed_logprobs",
             worker_extension_cls="troupe.rollout.engine.WeightReloadExtension",
             enable_prefix_caching=True,
         )
         if device == "gpu":
-            kw.update(gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
+            kw.update(gpu_memory_utilization=rollout.gpu_memory_utilization,
+                      tensor_parallel_size=max(1, int(rollout.num_gpus_per_engine)))
         t0 = time.time()
         self.llm = LLM(**kw)
         self.start_seconds = time.time() - t0
@@ -101,43 +90,28 @@ class RolloutEngine:
         """Engine facts once started: start time (s), policy version, eos id."""
         return {"start_seconds": self.start_seconds, "version": self.version, "eos_token_id": self.tokenizer.eos_token_id}
 
-    def generate(
-        self,
-        prompts: list[Prompt],
-        *,
-        n: int,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: Optional[int] = None,
-        step_delimiter: Optional[str] = None,
-    ) -> list[Group]:
-        """Sample ``n`` responses per prompt (greedy when temperature == 0 and n == 1).
+    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[Group]:
+        """Sample ``sampling.n`` responses per prompt (greedy when temperature == 0 and n == 1).
 
         Returns one unscored ``Group`` per prompt, in prompt order; each sample carries
         [R] token ids, [R] sampling logprobs (nats), the decoded text, whether it was
         truncated at ``max_new_tokens``, and the engine's policy version. With
-        ``step_delimiter`` (process supervision) each sample also gets ``step_ends``: the
-        last response token of each step of ``troupe.rollout.steps.split_steps(text)``.
+        ``sampling.step_delimiter`` (process supervision) each sample also gets ``step_ends``: the
+        last response token of each step of ``troupe.core.steps.split_steps(text)``.
         """
         from vllm import SamplingParams
 
-        sp = SamplingParams(
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_new_tokens,
-            logprobs=0,
-            seed=seed,
-        )
+        sp = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                            max_tokens=sampling.max_new_tokens, logprobs=0, seed=sampling.seed)
         outs = self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], sp, use_tqdm=False)
+        delim = sampling.step_delimiter
         groups = []
         for p, out in zip(prompts, outs):
             samples = []
             for c in out.outputs:
                 ids = list(c.token_ids)
                 lps = [float(d[t].logprob) for t, d in zip(ids, c.logprobs)] if c.logprobs else [0.0] * len(ids)
-                ends = self._step_ends(ids, c.text, step_delimiter) if step_delimiter and ids else []
+                ends = self._step_ends(ids, c.text, delim) if delim and ids else []
                 samples.append(Sample(ids, lps, c.text, c.finish_reason == "length", self.version, ends))
             groups.append(Group(prompt=p, samples=samples))
         return groups

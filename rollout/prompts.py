@@ -1,7 +1,7 @@
 """Turn data-set rows into tokenized prompts (chat template or raw format string).
 
-Rows are dicts with at least "question" and "answer" (see ``troupe.rollout.data`` and
-``troupe.rollout.arith``); other keys ride along as reward-function columns.
+Rows are dicts with at least "question" and "answer" (see ``troupe.rollout.data``: files or a
+data-source plugin); other keys ride along as reward-function columns.
 """
 
 from __future__ import annotations
@@ -9,7 +9,16 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
-from troupe.rollout.types import Prompt
+from troupe.core.types import Prompt
+
+
+def format_prompt(question: str, prompt_format: str, system_prompt: str | None) -> str:
+    """The raw prompt text of a question: ``(system_prompt + "\\n" if any) + prompt_format.format(question=...)``.
+
+    The one place raw prompts are formatted: RL prompts (``build_prompts``, template "raw"), the
+    cold-start SFT prompts and the tiny tokenizer's corpus (``troupe.cluster.prepare``).
+    """
+    return (system_prompt + "\n" if system_prompt else "") + prompt_format.format(question=question)
 
 
 def build_prompts(rows: list[dict], tokenizer, *, template: str, prompt_format: str, system_prompt: str | None,
@@ -33,7 +42,7 @@ def build_prompts(rows: list[dict], tokenizer, *, template: str, prompt_format: 
                 {"role": "user", "content": prompt_format.format(question=q)}]
             text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         else:
-            text = (system_prompt + "\n" if system_prompt else "") + prompt_format.format(question=q)
+            text = format_prompt(q, prompt_format, system_prompt)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_tokens:
             dropped += 1

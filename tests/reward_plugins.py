@@ -77,6 +77,13 @@ def uses_answer(prompts, completions, answer, **kwargs):
     return [1.0 if c == a else 0.0 for c, a in zip(completions, answer)]
 
 
+def has_marker(prompts, completions, **kwargs):
+    """1.0 where the ``marker`` column is set, 0.0 where it is None; raises if given ``steps``."""
+    if "steps" in kwargs:
+        raise TypeError("an outcome function got steps")
+    return [0.0 if m is None else 1.0 for m in kwargs.get("marker", [None] * len(completions))]
+
+
 def crash_once(prompts, completions, marker, **kwargs):
     """Kills the worker process (os._exit) the first time it runs, then scores 1.0.
 

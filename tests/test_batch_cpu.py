@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from troupe.cluster.train import minibatch_denoms
 from troupe.learner.batch import collate_groups, response_logprobs
-from troupe.rollout.types import Group, Prompt, Sample
+from troupe.learner.losses import LossNorm
+from troupe.learner.step import minibatch_norms
+from troupe.core.types import Group, Prompt, Sample
 
 
 def _group(prompt_ids, responses, rewards, truncated=None):
@@ -67,6 +68,6 @@ def test_minibatch_denominators_count_all_ranks():
     responses = [[5] * n for n in lens]
     g = _group([1], responses, [1.0] * 8)
     b = collate_groups([g], 0)
-    d = minibatch_denoms(b, num_ranks=2, mini_batches=2)
+    d = minibatch_norms(b.response_mask, num_ranks=2, mini_batches=2, mode="token_mean", max_len=4)
     # mini-batch 0 = rows {0,1} of rank 0 and rows {4,5} of rank 1; mini-batch 1 = {2,3} and {6,7}
-    assert d == [{"num_tokens": 7.0, "num_seqs": 3.0}, {"num_tokens": 5.0, "num_seqs": 3.0}]
+    assert d == [LossNorm("token_mean", 7.0, 3.0, 4), LossNorm("token_mean", 5.0, 3.0, 4)]

@@ -50,6 +50,8 @@ def test_dump_roundtrip(tmp_path):
         (lambda d: d["learner"].update(num_ranks=3), "divisible by learner.num_ranks = 3"),
         (lambda d: d.update(device="gpu"), "device 'gpu' needs"),
         (lambda d: d["data"].update(prompt_format="no placeholder"), "data.prompt_format"),
+        (lambda d: d["data"].update(source="arith"), "data.source must be one of"),
+        (lambda d: d["sft"].update(carry_slip=0.7), "sft.carry_slip: unknown key"),
         (lambda d: d.update(colour="red"), "colour: unknown key"),
     ],
 )
@@ -66,8 +68,8 @@ def test_bad_values_name_the_key_and_exit_2(tmp_path, capsys, mutate, needle):
 
 def test_overrides_apply_and_are_validated(tmp_path, capsys):
     path = REPO / "configs" / "arith_cpu.yaml"
-    cfg = load_config(path, ["algo.kl_coef=0.05", "rollout.group_size=16", "algo.dual_clip=3"])
-    assert cfg.algo.kl_coef == 0.05 and cfg.rollout.group_size == 16 and cfg.algo.dual_clip == 3.0
+    cfg = load_config(path, ["algo.kl_coef=0.05", "rollout.group_size=16", "algo.policy_loss.dual_clip=3"])
+    assert cfg.algo.kl_coef == 0.05 and cfg.rollout.group_size == 16 and cfg.algo.policy_loss.dual_clip == 3.0
     assert main(["check", str(path), "algo.kl_coef=-1"]) == 2
     assert "algo.kl_coef" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="expected key.path=value"):
@@ -108,19 +110,23 @@ def test_cli_exit_status_from_the_installed_script(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_algo_literals_match_the_maths_registries():
-    """Every value the config accepts selects an implementation, and every implementation is selectable."""
+def test_algo_variants_match_the_maths_registries():
+    """Every variant a config accepts selects an implementation, and every implementation is selectable."""
     from typing import get_args
 
+    from troupe.configs.algos import ADVANTAGE_CONFIGS, POLICY_LOSS_CONFIGS
     from troupe.configs.schema import AlgoConfig
     from troupe.learner import grpo
 
     def values(field):
         return set(get_args(AlgoConfig.model_fields[field].annotation))
 
-    # 'process' takes per-step rewards, so it is grpo.process_advantages rather than a registry entry
-    assert values("advantage") == set(grpo.ADVANTAGE_ESTIMATORS) | {"process"}
+    registered = grpo.registered()
+    assert set(ADVANTAGE_CONFIGS.names()) == set(registered["advantage"]) >= {"grpo", "dr_grpo", "rloo", "process"}
+    assert set(POLICY_LOSS_CONFIGS.names()) == set(registered["policy_loss"]) >= {"ppo_clip", "gspo"}
+    for name in registered["advantage"]:
+        assert AlgoConfig(advantage=name).advantage.name == name
+    for name in registered["policy_loss"]:
+        assert AlgoConfig(policy_loss={"name": name}).policy_loss.name == name
     assert values("loss_agg") == set(grpo.LOSS_AGG_MODES)
     assert values("kl_estimator") == set(grpo.KL_ESTIMATORS)
-    assert values("ratio_level") == set(grpo.RATIO_LEVELS)
-    assert values("std") == set(grpo.STD_MODES)

@@ -7,7 +7,17 @@ import json
 import pytest
 
 from troupe.reward.verifiers import gsm8k_reference
-from troupe.rollout.data import PRESETS, DataError, data_dir, load_preset, load_rows, preset_path
+from troupe.rollout.data import (
+    PRESETS,
+    DataError,
+    check_rows,
+    data_dir,
+    load_data_source,
+    load_preset,
+    load_rows,
+    preset_path,
+    source_options,
+)
 
 
 def test_presets_resolve_to_shared_data():
@@ -141,3 +151,70 @@ def test_bad_row_is_found_before_any_row_is_returned(tmp_path):
     path = _write(tmp_path, lines)
     with pytest.raises(DataError, match=r":1001: missing field 'answer'"):
         load_rows(path, "jsonl", prompt_field="question", answer_field="answer")
+
+
+PLUGIN = """
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Opts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int = Field(3, ge=1)
+
+
+class Source:
+    Options = Opts
+
+    @staticmethod
+    def rows(options, seed, num_eval):
+        return [{"question": f"q{i}", "answer": str(i)} for i in range(options.n)], []
+
+
+no_options = Source.rows
+"""
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "my_source.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_source", None)
+    return "my_source:Source"
+
+
+def test_data_source_plugin_loads_and_validates_options(plugin):
+    source = load_data_source(plugin)
+    opts = source_options(source, {"n": 2})
+    assert opts.n == 2 and source_options(source, {}).n == 3
+    assert source.rows(opts, 0, 0)[0] == [{"question": "q0", "answer": "0"}, {"question": "q1", "answer": "1"}]
+    with pytest.raises(DataError) as exc:
+        source_options(source, {"n": 0, "m": 1})
+    msg = str(exc.value)
+    assert "data.options.n: Input should be greater than or equal to 1 (got 0)" in msg
+    assert "data.options.m: unknown key" in msg
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("no_such_module_xyz:Source", "importing module 'no_such_module_xyz' failed"),
+        ("my_source:Nope", "has no attribute 'Nope'"),
+        ("my_source:no_options", "needs an Options pydantic model"),
+        ("my_source", "expected 'package.module:object'"),
+    ],
+)
+def test_data_source_errors_name_data_source(plugin, spec, needle):
+    with pytest.raises(DataError) as exc:
+        load_data_source(spec)
+    assert f"data.source {spec!r}" in str(exc.value) and needle in str(exc.value)
+
+
+def test_generated_rows_are_checked_like_file_rows():
+    rows = [{"question": "q", "answer": 1}]
+    assert check_rows(rows, "gen row") == rows
+    with pytest.raises(DataError, match="gen row 1: missing field 'answer'"):
+        check_rows(rows + [{"question": "r"}], "gen row")
+    with pytest.raises(DataError, match="expected a list of rows"):
+        check_rows(iter(rows), "gen row")

@@ -1,19 +1,28 @@
-"""Fast CPU tests of the local demo's pieces: the arithmetic task, the tiny model builder, SFT."""
+"""Fast CPU tests of the local demo's pieces: the arithmetic task (troupe.demo.arith) and its
+data-source plugin as the run preparation loads it, the tiny model builder, SFT."""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
-from troupe.reward.verifiers import accuracy_reward as arith_reward
-from troupe.reward.verifiers import extract_answer
-from troupe.rollout.arith import (
+from troupe.cluster.cli import main
+from troupe.configs.schema import load_config
+from troupe.demo.arith import (
     PROMPT_FORMAT,
+    ArithTask,
     arith_rows,
     cold_start_examples,
     worked_solution,
 )
+from troupe.reward.verifiers import accuracy_reward as arith_reward
+from troupe.reward.verifiers import extract_answer
+from troupe.rollout.data import DataError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _key(row):
@@ -89,6 +98,85 @@ def test_cold_start_carry_slip():
     for p, c in triple_rows:
         q = p[len("Compute ") : p.index(".")]
         assert arith_reward(c, str(sum(int(x) for x in q.split("+")))) == 1.0
+
+
+def test_plugin_reproduces_the_demo_data():
+    """ArithTask through cluster.prepare gives exactly the rows, cold-start pairs and tokenizer text
+    the demo's functions give for configs/arith_cpu.yaml."""
+    from troupe.cluster.prepare import cold_start_examples as prepared_examples
+    from troupe.cluster.prepare import data_source, load_task, tokenizer_corpus
+
+    cfg = load_config(REPO / "configs" / "arith_cpu.yaml", ["data.options.num_train=3000"])
+    train, held = load_task(cfg)
+    assert train == arith_rows(3000, 0, 99, "train", min_operand=10)
+    assert held == arith_rows(256, 0, 99, "eval", min_operand=10)
+    source, options = data_source(cfg)
+    assert source is ArithTask and (options.carry_slip, options.triples) == (0.7, 0.3)
+    assert prepared_examples(cfg, train, source, options) == cold_start_examples(
+        train[:2000], prompt_format=PROMPT_FORMAT, carry_slip=0.7, triples=0.3, seed=0)
+    corpus = tokenizer_corpus(cfg, train, source)
+    assert corpus == [PROMPT_FORMAT.format(question=r["question"]) for r in train] + [worked_solution(r) for r in train]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("data.options.max_operand=-1", "data.options.max_operand"),
+        ("data.options.carry_slip=2", "data.options.carry_slip"),
+        ("data.options.colour=red", "data.options.colour: unknown key"),
+        ("data.options.min_operand=100", "min_operand must not exceed max_operand"),
+        ("data.source=troupe.demo.nope:ArithTask", "data.source 'troupe.demo.nope:ArithTask'"),
+        ("data.source=troupe.demo.arith:Nope", "has no attribute 'Nope'"),
+        ("data.source=troupe.demo.arith:worked_solution", "needs an Options pydantic model"),
+        ("data.source=arith", "data.source must be one of"),
+        ("data.source=jsonl", "data.path is required"),
+        ("data.arith_max_operand=99", "data.arith_max_operand: unknown key"),
+    ],
+)
+def test_bad_source_or_option_names_the_key_and_exits_2(capsys, override, needle):
+    assert main(["check", str(REPO / "configs" / "arith_cpu.yaml"), override]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_sft_needs_a_source_with_cold_start(tmp_path, monkeypatch, capsys):
+    (tmp_path / "rows_only.py").write_text(
+        "from troupe.demo.arith import ArithTask\n"
+        "class Task:\n    Options = ArithTask.Options\n    rows = staticmethod(ArithTask.rows)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("rows_only", None)
+    cfg = REPO / "configs" / "arith_cpu.yaml"
+    assert main(["check", str(cfg), "data.source=rows_only:Task", "data.options.num_train=100"]) == 2
+    err = capsys.readouterr().err
+    assert "sft.enabled" in err and "rows_only:Task" in err and "cold_start" in err
+    assert main(["check", str(cfg), "data.source=rows_only:Task", "data.options.num_train=100", "sft.enabled=false"]) == 0
+    gsm8k = REPO / "configs" / "gsm8k_cpu.yaml"
+    assert main(["check", str(gsm8k), "sft.enabled=true"]) == 2
+    assert "sft.enabled" in capsys.readouterr().err
+
+
+def test_plugin_rows_are_checked(tmp_path, monkeypatch):
+    from troupe.cluster.prepare import load_task
+
+    (tmp_path / "bad_rows.py").write_text(
+        "from troupe.demo.arith import ArithTask\n"
+        "class Task:\n    Options = ArithTask.Options\n"
+        "    @staticmethod\n    def rows(options, seed, num_eval):\n"
+        "        return [{'question': '1+1', 'answer': '2'}, {'question': 3, 'answer': '3'}], []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("bad_rows", None)
+    cfg = load_config(REPO / "configs" / "arith_cpu.yaml", ["data.source=bad_rows:Task", "sft.enabled=false"])
+    with pytest.raises(DataError, match=r"data.source 'bad_rows:Task': train row 1: field 'question'"):
+        load_task(cfg)
+
+
+def test_core_does_not_import_the_demo():
+    """The demo is reached through configuration only: no core module imports troupe.demo."""
+    import re
+
+    demo_import = re.compile(r"^\s*(from\s+troupe\.demo|import\s+troupe\.demo|from\s+troupe\s+import\s+demo)", re.M)
+    for folder in ("configs", "core", "rollout", "reward", "learner", "cluster"):
+        for path in (REPO / folder).glob("*.py"):
+            assert not demo_import.search(path.read_text()), path
 
 
 @pytest.fixture(scope="module")

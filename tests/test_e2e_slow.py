@@ -20,11 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 # a graded reward next to accuracy and format so that groups have variance even before the
 # tiny model solves anything (then every step has a non-zero policy gradient)
 LENGTH = f"{REPO / 'tests' / 'e2e_rewards.py'}:length_reward"
+ARITH_STEPS = "troupe.demo.arith:arith_steps"  # the demo's process reward; metric keys use this spec
 REWARDS = f"reward.functions=[{{name: accuracy}}, {{name: format, weight: 0.1}}, {{name: '{LENGTH}', weight: 0.01}}]"
 
 # small and quick: 4 prompts x G=4 = 16 samples per step, 16 held-out prompts
 TINY = [
-    "sft.steps=30", "sft.num_examples=256", "data.arith_num_train=512", "data.num_eval=16",
+    "sft.steps=30", "sft.num_examples=256", "data.options.num_train=512", "data.num_eval=16",
     "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=24",
     "learner.micro_batch_size=4", "learner.num_ranks=2", "learner.num_cpus_per_rank=0.5",
     "rollout.num_cpus_per_engine=1", "learner.lr=0.001",
@@ -85,13 +86,13 @@ def test_gsm8k_three_steps(tmp_path):
 
 
 VARIANTS = [
-    {"advantage": "grpo", "std": "population"},
+    {"advantage": {"name": "grpo", "std": "population"}},
     {"advantage": "dr_grpo", "loss_agg": "seq_mean_token_sum_norm"},
     {"advantage": "rloo"},
     {"advantage": "reinforce_pp_baseline"},
     {"loss_agg": "seq_mean_token_mean"},
-    {"ratio_level": "sequence", "clip_low": 0.0003, "clip_high": 0.0004},  # GSPO
-    {"dual_clip": 3.0, "kl_estimator": "k1"},
+    {"policy_loss": "gspo"},  # GSPO with the paper's clip range 3e-4 / 4e-4
+    {"policy_loss": {"name": "ppo_clip", "dual_clip": 3.0}, "kl_estimator": "k1"},
     {"kl_in": "reward", "kl_estimator": "k2"},
     {"kl_coef": 0.0, "tis_cap": None},
     {"dynamic_sampling": True, "max_refill_rounds": 1, "overlong_buffer": 8},
@@ -108,11 +109,10 @@ def test_every_variant_trains_end_to_end(tmp_path):
 
     from troupe.cluster.prepare import load_task, prepare_model
     from troupe.cluster.runtime import init_ray, start_actors
-    from troupe.cluster.train import collect_groups, learn
+    from troupe.cluster.train import collect_groups
     from troupe.cluster.weight_sync import WeightSync
     from troupe.configs.schema import AlgoConfig, load_config
     from troupe.learner.batch import collate_groups
-    from troupe.rollout.dispatch import RolloutDispatcher
     from troupe.rollout.prompts import build_prompts, prompt_stream
 
     cfg = load_config(REPO / "configs" / "arith_cpu.yaml", TINY + ["algo.kl_coef=0.01", "sft.enabled=false", REWARDS])
@@ -124,22 +124,21 @@ def test_every_variant_trains_end_to_end(tmp_path):
     init_ray(cfg, None)
     actors = start_actors(cfg, model_path)
     try:
-        dispatcher = RolloutDispatcher(actors.engines, actors.rewards)
         sync = WeightSync(actors.learners, actors.engines, "auto", actors.single_node())
         stream = prompt_stream(prompts, 0)
         for version, variant in enumerate(VARIANTS, start=1):
             algo = AlgoConfig(**{**cfg.algo.model_dump(), **variant})
             vcfg = cfg.model_copy(update={"algo": algo})
-            ray.get([lr.set_algo.remote(algo.model_dump()) for lr in actors.learners])
-            groups, info = collect_groups(dispatcher, stream, vcfg)
+            actors.learners.set_algo(algo)
+            groups, info = collect_groups(actors, stream, vcfg)
             batch = collate_groups(groups, tok.pad_token_id, mask_truncated=algo.mask_truncated)
-            m = learn(actors, batch, vcfg)
+            m = actors.learners.train_step(batch)
             assert math.isfinite(m["loss"]) and m["grad_norm"] > 0, (variant, m)
             assert m["zero_variance_frac"] < 1.0, variant
             if variant.get("dynamic_sampling"):
                 assert "dynamic/refill_rounds" in info
             assert sync.sync(version)["policy_version"] == version
-        assert ray.get([e.get_version.remote() for e in actors.engines]) == [len(VARIANTS)]
+        assert actors.engines.versions() == [len(VARIANTS)]
         sync.close()
     finally:
         actors.shutdown()
@@ -147,11 +146,11 @@ def test_every_variant_trains_end_to_end(tmp_path):
 
 
 def test_process_supervision_end_to_end(tmp_path):
-    """algo.advantage 'process' from YAML: the arith_steps process verifier scores each column sum,
+    """algo.advantage 'process' from YAML: the demo's arith_steps process verifier scores each column sum,
     engines mark step ends, the learner trains on per-token process advantages (2 steps, 2 ranks)."""
     # the graded length reward (an outcome function, added to the last step) keeps every group
     # informative while the tiny model still gets most column sums wrong
-    rewards = f"reward.functions=[{{name: arith_steps, kind: process}}, {{name: '{LENGTH}', weight: 0.01}}]"
+    rewards = f"reward.functions=[{{name: '{ARITH_STEPS}', kind: process}}, {{name: '{LENGTH}', weight: 0.01}}]"
     # with DAPO dynamic sampling on step rewards and a k2 KL in the reward (on the last step)
     extra = ["algo.dynamic_sampling=true", "algo.kl_coef=0.01", "algo.kl_in=reward", "algo.kl_estimator=k2"]
     run_dir, summary = _run(tmp_path, "process", TINY + ["steps=2", "sft.steps=120", rewards, *extra], "configs/arith_process_cpu.yaml")
@@ -160,9 +159,9 @@ def test_process_supervision_end_to_end(tmp_path):
     for r in steps:
         # the cold-started model writes column sums separated by ",": several steps per sample
         assert r["process/steps_mean"] > 1.5, r["process/steps_mean"]
-        assert "reward/arith_steps_mean" in r and r["zero_variance_frac"] < 1.0
+        assert f"reward/{ARITH_STEPS}_mean" in r and r["zero_variance_frac"] < 1.0
         assert r["grad_norm"] > 0 and math.isfinite(r["loss"])
         assert r["sync/logprob_max_diff"] < 1e-3
         assert "dynamic/refill_rounds" in r
     assert any(r["kl_ref"] > 0 for r in steps)  # the reference model was loaded and measured
-    assert "arith_steps" in (run_dir / "eval_final.jsonl").read_text().splitlines()[0]
+    assert ARITH_STEPS in (run_dir / "eval_final.jsonl").read_text().splitlines()[0]

@@ -18,7 +18,7 @@ TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from troupe.learner.tiny_model import build_tiny_model
-    from troupe.rollout import arith
+    from troupe.demo import arith
 
     rows = arith.arith_rows(200, 0, 99, "train")
     corpus = [arith.PROMPT_FORMAT.format(question=r["question"]) for r in rows] + [arith.worked_solution(r) for r in rows]
@@ -39,7 +39,7 @@ def test_reload_then_logprobs_match_reference(ray_local, model_dir, tmp_path, dt
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from troupe.rollout import arith
+    from troupe.demo import arith
     from troupe.rollout.engine import RolloutEngine
     from troupe.rollout.prompts import build_prompts
 

@@ -1,5 +1,5 @@
-"""CPU unit tests of troupe.learner.grpo: hand-derived values (DESIGN.md "The maths" and more, with
-the arithmetic in comments) and hypothesis property tests. Pure torch, no network, a few seconds."""
+"""CPU unit tests of troupe.learner.grpo: hand-derived values (docs/design.md "The maths" and more,
+with the arithmetic in comments) and hypothesis property tests. Pure torch, no network, a few seconds."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from troupe.configs.algos import ADVANTAGE_CONFIGS, GSPOLoss, PolicyLossConfig, PPOClipLoss
 from troupe.learner import grpo
 
 NAN = float("nan")
@@ -25,10 +26,38 @@ def close(actual, expected, atol=1e-6):
     )
 
 
+def adv_cfg(estimator, **kw):
+    """The estimator's typed config; settings it does not have (e.g. std for rloo) are left out."""
+    cls = ADVANTAGE_CONFIGS.config_class(estimator)
+    return ADVANTAGE_CONFIGS.parse({"name": estimator, **{k: v for k, v in kw.items() if k in cls.model_fields}}, "grpo")
+
+
+def advantages(estimator, rewards, G, mask, **kw):
+    """[B, T] advantages of the registered estimator (rewards a [B] tensor)."""
+    return grpo.compute_advantages(grpo.AdvantageInputs(rewards, mask, G), adv_cfg(estimator, **kw))
+
+
 def seq_adv(estimator, rewards, G, **kw):
     """Per-sequence advantages [B] (T = 1, all-ones mask)."""
     r = torch.tensor(rewards, dtype=torch.float32)
-    return grpo.compute_advantages(estimator, r, G, torch.ones(len(rewards), 1), **kw)[:, 0]
+    return advantages(estimator, r, G, torch.ones(len(rewards), 1), **kw)[:, 0]
+
+
+def process_adv(step_rewards, step_ends, G, T, **kw):
+    """Process-supervision advantages [B, T] (all-ones response mask)."""
+    inp = grpo.AdvantageInputs(torch.zeros(len(step_rewards)), torch.ones(len(step_rewards), T), G, step_rewards, step_ends)
+    return grpo.compute_advantages(inp, adv_cfg("process", **kw))
+
+
+def ploss(logp, old, adv, mask, *, ratio_level="token", clip_low=0.2, clip_high=0.28, dual_clip=None, sampling_logp=None,
+          tis_cap=None, ref_logp=None, kl_coef=0.0, kl_estimator="k3", loss_agg="token_mean", num_tokens, num_seqs,
+          max_len):
+    """The policy loss with the registered ppo_clip (token ratio) or gspo (sequence ratio) config."""
+    cfg = (PPOClipLoss(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip) if ratio_level == "token"
+           else GSPOLoss(clip_low=clip_low, clip_high=clip_high))
+    inp = grpo.LossInputs(logp, old, adv, mask, sampling_logp, ref_logp)
+    return grpo.policy_loss(inp, cfg, grpo.LossNorm(loss_agg, num_tokens, num_seqs, max_len), tis_cap=tis_cap,
+                            kl_coef=kl_coef, kl_estimator=kl_estimator)
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,7 +95,7 @@ def test_nan_rewards_are_excluded():
     # A = (1/3) / 0.5773513 = 0.5773493 ; (-2/3) / 0.5773513 = -1.1546986 ; the NaN sample -> 0
     close(seq_adv("grpo", [1, NAN, 0, 1], 4), [0.5773493, 0, -1.1546986, 0.5773493])
     # a group with a single valid sample -> 0 ; an all-NaN group -> 0
-    for est in grpo.ADVANTAGE_ESTIMATORS:
+    for est in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
         a = seq_adv(est, [NAN, NAN, 1.0, NAN, NAN, NAN, NAN, NAN], 4)
         assert torch.isfinite(a).all() and torch.equal(a, torch.zeros(8)), est
     # Dr.GRPO with NaN: valid [1, 0, 1] mean 2/3 -> [1/3, 0, -2/3, 1/3]
@@ -85,14 +114,14 @@ def test_reinforce_pp_baseline_values():
     # centred x = [.5, -.5, 0, 0] ; token weights 2,1,1,1 (5 tokens)
     # mean = (2*.5 - .5) / 5 = .1 ; var = (2*.4^2 + .6^2 + 2*.1^2) / (5-1) = .7/4 = .175
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
-    adv = grpo.compute_advantages("reinforce_pp_baseline", torch.tensor([1.0, 0.0, 1.0, 1.0]), 2, mask)
+    adv = advantages("reinforce_pp_baseline", torch.tensor([1.0, 0.0, 1.0, 1.0]), 2, mask)
     s = math.sqrt(0.175) + 1e-6
     close(adv, [[0.4 / s, 0.4 / s], [-0.6 / s, 0], [-0.1 / s, 0], [-0.1 / s, 0]])
 
 
 def test_advantages_broadcast_over_mask_and_dtype():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [True, True, True], [0, 0, 0]], dtype=torch.bool)
-    adv = grpo.compute_advantages("dr_grpo", torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, mask)
+    adv = advantages("dr_grpo", torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, mask)
     assert adv.shape == (4, 3) and adv.dtype == torch.float32
     close(adv, [[0.5, 0.5, 0], [-0.5, 0, 0], [-0.5, -0.5, -0.5], [0, 0, 0]])
 
@@ -100,15 +129,15 @@ def test_advantages_broadcast_over_mask_and_dtype():
 def test_advantage_errors():
     r, m = torch.zeros(6), torch.ones(6, 2)
     with pytest.raises(ValueError, match="grpo.*rloo|dr_grpo"):
-        grpo.compute_advantages("ppo", r, 3, m)
+        advantages("ppo", r, 3, m)
     with pytest.raises(ValueError, match="divisible"):
-        grpo.compute_advantages("grpo", r, 4, m)
+        advantages("grpo", r, 4, m)
     with pytest.raises(ValueError, match="std"):
-        grpo.compute_advantages("grpo", r, 3, m, std="sample")
+        advantages("grpo", r, 3, m, std="sample")
     with pytest.raises(ValueError, match="inf"):
-        grpo.compute_advantages("grpo", torch.tensor([1.0, math.inf, 0.0]), 3, torch.ones(3, 2))
+        advantages("grpo", torch.tensor([1.0, math.inf, 0.0]), 3, torch.ones(3, 2))
     with pytest.raises(ValueError, match="response_mask"):
-        grpo.compute_advantages("grpo", r, 3, torch.ones(5, 2))
+        advantages("grpo", r, 3, torch.ones(5, 2))
 
 
 def test_process_advantages_values():
@@ -118,15 +147,15 @@ def test_process_advantages_values():
     s = math.sqrt(1 / 3) + 1e-6
     a, b = (2 / 3) / s, -(1 / 3) / s  # 1.1546986, -0.5773493
     # sample 0: t=0,1 -> a + b ; t=2,3 -> b ; t=4 -> 0. sample 1: t=0..2 -> b ; t=3,4 -> 0
-    adv = grpo.process_advantages([[1.0, 0.0], [0.0]], [[1, 3], [2]], 2, 5)
+    adv = process_adv([[1.0, 0.0], [0.0]], [[1, 3], [2]], 2, 5)
     close(adv, [[a + b, a + b, b, b, 0], [b, b, b, 0, 0]])
     assert adv.dtype == torch.float32
     # population std: var = 2/9 ; std = 0.4714045
     sp = math.sqrt(2 / 9) + 1e-6
-    adv = grpo.process_advantages([[1.0, 0.0], [0.0]], [[1, 3], [2]], 2, 5, std="population")
+    adv = process_adv([[1.0, 0.0], [0.0]], [[1, 3], [2]], 2, 5, std="population")
     close(adv[0, 0], (2 / 3) / sp - (1 / 3) / sp)
     # a group whose step rewards are all equal -> 0; an empty sample -> 0
-    adv = grpo.process_advantages([[1.0, 1.0], [], [1.0, NAN], [0.0, 1.0]], [[0, 2], [], [1, 2], [0, 1]], 2, 3)
+    adv = process_adv([[1.0, 1.0], [], [1.0, NAN], [0.0, 1.0]], [[0, 2], [], [1, 2], [0, 1]], 2, 3)
     assert torch.equal(adv[:2], torch.zeros(2, 3))
     # second group: valid R = [1, 0, 1] -> normalised 0.5773493, -1.1546986, 0.5773493 (NaN step -> 0)
     close(adv[2], [0.5773493, 0.5773493, 0.0])
@@ -135,13 +164,13 @@ def test_process_advantages_values():
 
 def test_process_advantages_errors():
     with pytest.raises(ValueError, match=r"\[0, T"):
-        grpo.process_advantages([[1.0], [0.0]], [[5], [0]], 2, 5)
+        process_adv([[1.0], [0.0]], [[5], [0]], 2, 5)
     with pytest.raises(ValueError, match="non-decreasing"):
-        grpo.process_advantages([[1.0, 0.0], [0.0]], [[3, 1], [0]], 2, 5)
+        process_adv([[1.0, 0.0], [0.0]], [[3, 1], [0]], 2, 5)
     with pytest.raises(ValueError, match="step ends"):
-        grpo.process_advantages([[1.0, 0.0], [0.0]], [[1], [0]], 2, 5)
+        process_adv([[1.0, 0.0], [0.0]], [[1], [0]], 2, 5)
     with pytest.raises(ValueError, match="divisible"):
-        grpo.process_advantages([[1.0]] * 3, [[0]] * 3, 2, 5)
+        process_adv([[1.0]] * 3, [[0]] * 3, 2, 5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +236,7 @@ def test_policy_loss_token_level_values_and_metrics():
     old = torch.zeros(4, 1)
     logp = rho.log().requires_grad_(True)
     adv = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]])
-    loss, met = grpo.policy_loss(logp, old, adv, torch.ones(4, 1), num_tokens=4, num_seqs=4, max_len=1)
+    loss, met = ploss(logp, old, adv, torch.ones(4, 1), num_tokens=4, num_seqs=4, max_len=1)
     # token_mean: (-1.28 + 1.5 - 0.5 + 0.8) / 4 = 0.13
     close(loss, 0.13)
     close(met["pg_loss"], 0.13)
@@ -233,13 +262,13 @@ def test_policy_loss_gspo_sequence_ratio():
     adv = torch.ones(1, 3)
     kw = dict(ratio_level="sequence", loss_agg="seq_mean_token_mean", num_tokens=2, num_seqs=1, max_len=3)
     # clip_high 0.28: s > 1.28 and A > 0 -> clipped: loss = -1.28 on each token, mean -1.28, no gradient
-    loss, met = grpo.policy_loss(logp, old, adv, mask, clip_high=0.28, **kw)
+    loss, met = ploss(logp, old, adv, mask, clip_high=0.28, **kw)
     close(loss, -1.28)
     close(met["ratio_mean"], math.exp(0.3))
     close(met["clip_frac_high"], 1.0)
     # clip_high 0.4: not clipped, loss = -s ; gradient per token = -s / |o| = -1.3498588 / 2 = -0.6749294
     # (GSPO: d/dlogp_t of -exp(mean_t lr) = -s / |o|), masked token: 0
-    loss, _ = grpo.policy_loss(logp, old, adv, mask, clip_high=0.4, **kw)
+    loss, _ = ploss(logp, old, adv, mask, clip_high=0.4, **kw)
     close(loss, -math.exp(0.3))
     loss.backward()
     close(logp.grad, [[-math.exp(0.3) / 2, -math.exp(0.3) / 2, 0.0]])
@@ -250,7 +279,7 @@ def test_policy_loss_tis_weight():
     # cap 2 -> w = [2, 0.6065307]. logp = old (rho = 1), A = 1: surrogate -1 -> weighted [-2, -0.6065307]
     # token_mean over 2 tokens: -1.3032653 ; tis_weight_mean 1.3032653
     logp = torch.zeros(1, 2, requires_grad=True)
-    loss, met = grpo.policy_loss(
+    loss, met = ploss(
         logp, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2),
         sampling_logp=torch.tensor([[-1.0, 0.5]]), tis_cap=2.0, num_tokens=2, num_seqs=1, max_len=2,
     )
@@ -260,7 +289,7 @@ def test_policy_loss_tis_weight():
     # gradient = -w * A * rho / 2 = [-1, -0.3032653]
     close(logp.grad, [[-1.0, -0.3032653]])
     with pytest.raises(ValueError, match="sampling_logp"):
-        grpo.policy_loss(logp, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2),
+        ploss(logp, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2),
                          tis_cap=2.0, num_tokens=2, num_seqs=1, max_len=2)
 
 
@@ -269,7 +298,7 @@ def test_policy_loss_kl_in_loss():
     # kl_coef 0.1, token_mean over 2: 0.1 * (0.1065307 + 0.7182818) / 2 = 0.04124063
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     ref = torch.tensor([[-1.5, -1.0]])
-    loss, met = grpo.policy_loss(
+    loss, met = ploss(
         logp, logp.detach(), torch.zeros(1, 2), torch.ones(1, 2), ref_logp=ref, kl_coef=0.1,
         num_tokens=2, num_seqs=1, max_len=2,
     )
@@ -280,7 +309,7 @@ def test_policy_loss_kl_in_loss():
     # d k3 / d logp = 1 - exp(ref - logp): [1 - exp(-0.5), 1 - e] = [0.3934693, -1.7182818]; * 0.1 / 2
     close(logp.grad, [[0.01967347, -0.08591409]])
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo.policy_loss(logp, logp.detach(), torch.zeros(1, 2), torch.ones(1, 2), kl_coef=0.1,
+        ploss(logp, logp.detach(), torch.zeros(1, 2), torch.ones(1, 2), kl_coef=0.1,
                          num_tokens=2, num_seqs=1, max_len=2)
 
 
@@ -294,7 +323,7 @@ def test_policy_loss_finite_gradients_with_huge_log_ratios():
     for level in ("token", "sequence"):
         for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
             logp.grad = None
-            loss, met = grpo.policy_loss(
+            loss, met = ploss(
                 logp, old, adv, mask, ratio_level=level, sampling_logp=old - 100.0, tis_cap=2.0,
                 ref_logp=ref, kl_coef=0.05, dual_clip=3.0, loss_agg=agg, num_tokens=12, num_seqs=4, max_len=3,
             )
@@ -308,7 +337,7 @@ def test_policy_loss_padding_with_nan_is_harmless():
     logp = torch.tensor([[-1.0, NAN], [-2.0, -math.inf]], requires_grad=True)
     mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     nan_pad = torch.tensor([[-1.2, NAN], [-1.9, NAN]])
-    loss, met = grpo.policy_loss(
+    loss, met = ploss(
         logp, nan_pad, torch.tensor([[1.0, NAN], [-1.0, NAN]]), mask, sampling_logp=nan_pad, tis_cap=2.0,
         ref_logp=nan_pad, kl_coef=0.1, num_tokens=2, num_seqs=2, max_len=2,
     )
@@ -321,12 +350,14 @@ def test_policy_loss_padding_with_nan_is_harmless():
 def test_policy_loss_errors():
     z = torch.zeros(2, 3)
     kw = dict(num_tokens=1, num_seqs=1, max_len=1)
-    with pytest.raises(ValueError, match="ratio_level"):
-        grpo.policy_loss(z, z, z, z, ratio_level="seq", **kw)
+    with pytest.raises(ValueError, match="unknown policy loss 'nope'.*gspo.*ppo_clip"):
+        grpo.policy_loss(grpo.LossInputs(z, z, z, z), PolicyLossConfig(name="nope"), grpo.LossNorm("token_mean", 1, 1, 1))
     with pytest.raises(ValueError, match="shape"):
-        grpo.policy_loss(z, torch.zeros(2, 4), z, z, **kw)
+        ploss(z, torch.zeros(2, 4), z, z, **kw)
     with pytest.raises(ValueError, match="aggregation"):
-        grpo.policy_loss(z, z, z, z, loss_agg="mean", **kw)
+        ploss(z, z, z, z, loss_agg="mean", **kw)
+    with pytest.raises(ValueError, match="dual_clip"):
+        PPOClipLoss(dual_clip=0.5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,23 +383,30 @@ def test_entropy_from_logits():
     assert torch.isfinite(zz.grad).all()
 
 
-def test_reward_kl_penalty():
+def test_sequence_kl_for_kl_in_the_reward():
     # sample 0: k1 sum over mask of d = logp - ref = [0.5, -1] -> -0.5 ; r' = 1 - 0.1 * (-0.5) = 1.05
     # sample 1: only token 0 counts: d = 0.5 -> r' = 0 - 0.1 * 0.5 = -0.05 ; NaN stays NaN
     old = torch.tensor([[-1.0, -2.0], [-1.0, -2.0], [-1.0, -2.0]])
     ref = torch.tensor([[-1.5, -1.0], [-1.5, -1.0], [-1.5, -1.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
-    out = grpo.reward_kl_penalty(torch.tensor([1.0, 0.0, NAN]), old, ref, mask, 0.1, "k1")
+    close(grpo.sequence_kl(old, ref, mask, "k1"), [-0.5, 0.5, -0.5])
+    out = torch.tensor([1.0, 0.0, NAN]) - 0.1 * grpo.sequence_kl(old, ref, mask, "k1")
     close(out[:2], [1.05, -0.05])
     assert math.isnan(out[2])
     # k3: 1 - 0.1 * (0.1065307 + 0.7182818) = 0.9175187
-    close(grpo.reward_kl_penalty(torch.tensor([1.0, 0.0, 0.0]), old, ref, mask, 0.1, "k3")[0], 0.9175187)
+    close(1.0 - 0.1 * grpo.sequence_kl(old, ref, mask, "k3")[0], 0.9175187)
+    with pytest.raises(ValueError, match="shape"):
+        grpo.sequence_kl(old, ref[:, :1], mask, "k1")
 
 
-def test_dynamic_sampling_keep():
-    r = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.5, 0.5, NAN, 1.0, NAN, NAN])
+def test_informative_group_rule():
+    r = [1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.5, 0.5, NAN, 1.0, NAN, NAN]
     # groups of 3: [1,1,1] constant ; [0,1,0] mixed ; [.5,.5,NaN] constant ; [1,NaN,NaN] single valid
-    assert grpo.dynamic_sampling_keep(r, 3).tolist() == [False, True, False, False]
+    assert [grpo.informative(r[k:k + 3]) for k in range(0, 12, 3)] == [False, True, False, False]
+    # the vectorised rule of the estimators agrees: informative groups get non-zero GRPO advantages
+    adv = seq_adv("grpo", r, 3)
+    assert [bool(adv[k:k + 3].abs().sum() > 0) for k in range(0, 12, 3)] == [False, True, False, False]
+    assert grpo.informative([None, 2.0, 3.0]) and not grpo.informative([])
 
 
 def test_overlong_penalty():
@@ -501,9 +539,9 @@ def test_prop_padding_columns_do_not_change_loss(batch, mode, extra, level):
         return torch.cat([x, torch.full((B, extra), value, dtype=x.dtype)], dim=1)
 
     kw0 = dict(kw, ref_logp=ref)
-    l0, m0 = grpo.policy_loss(logp, old, adv, mask, sampling_logp=old - 0.05, **kw0)
+    l0, m0 = ploss(logp, old, adv, mask, sampling_logp=old - 0.05, **kw0)
     kw1 = dict(kw, ref_logp=pad(ref, 7.0))
-    l1, m1 = grpo.policy_loss(pad(logp, 5.0), pad(old, -9.0), pad(adv, 3.0), pad(mask, 0.0),
+    l1, m1 = ploss(pad(logp, 5.0), pad(old, -9.0), pad(adv, 3.0), pad(mask, 0.0),
                               sampling_logp=pad(old - 0.05, 2.0), **kw1)
     close(l1, l0, atol=1e-9)
     for k in m0:
@@ -514,7 +552,7 @@ def test_prop_padding_columns_do_not_change_loss(batch, mode, extra, level):
 
 def test_policy_loss_bf16_logp_is_computed_in_float32():
     logp = torch.tensor([[-1.0, -2.0]], dtype=torch.bfloat16, requires_grad=True)
-    loss, met = grpo.policy_loss(logp, logp.detach().float() - 0.1, torch.ones(1, 2), torch.ones(1, 2),
+    loss, met = ploss(logp, logp.detach().float() - 0.1, torch.ones(1, 2), torch.ones(1, 2),
                                  num_tokens=2, num_seqs=1, max_len=2)
     # rho = exp(0.1) = 1.1051709 (< 1.28, unclipped) -> loss = -1.1051709 (bf16 input rounding ~1e-2)
     assert loss.dtype == torch.float32

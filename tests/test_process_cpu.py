@@ -2,7 +2,8 @@
 
 Covers the pieces ``algo.advantage: process`` wires together: cutting completions into steps,
 mapping steps to token positions with the real (locally trained) tokenizer, process reward
-functions through ``score_batch`` (combination, failures), the reward worker, collation into
+functions through ``score_batch`` (combination, failures) and ``RewardSet`` (what the reward
+worker scores with), collation into
 ``TrainBatch`` and the config rules. ``process_advantages`` itself is pinned in test_grpo_cpu.py.
 """
 
@@ -13,17 +14,19 @@ import math
 import pytest
 import torch
 
-from troupe.configs.schema import ConfigError, load_config
+from troupe.configs.schema import ConfigError, RewardConfig, RewardFunctionConfig, load_config
+from troupe.demo import arith
+from troupe.demo.arith import arith_steps
+from troupe.configs.algos import GRPOAdvantage, ProcessAdvantage
 from troupe.learner import grpo
+from troupe.learner.step import group_signal, sequence_shaping, step_advantages
 from troupe.learner.batch import collate_groups
-from troupe.reward.pool import RewardWorker
-from troupe.reward.registry import arith_steps
-from troupe.reward.scoring import score_batch
-from troupe.rollout import arith
-from troupe.rollout.steps import decoded_prefix_lengths, split_steps, step_token_ends
-from troupe.rollout.types import Group, Prompt, Sample
+from troupe.reward.scoring import RewardSet, score_batch
+from troupe.core.steps import decoded_prefix_lengths, split_steps, step_token_ends
+from troupe.core.types import Group, Prompt, Sample
 
 NAN = math.nan
+ARITH_STEPS = "troupe.demo.arith:arith_steps"  # the demo's process reward, by its config spec
 
 
 # ---------------------------------------------------------------- cutting steps
@@ -182,20 +185,35 @@ def _group(question, answer, texts, tokenizer):
     return Group(prompt=prompt, samples=samples)
 
 
+def _score_group(g, functions):
+    """Score ``g`` in-process with what a reward worker scores with (``RewardSet``, steps cut at
+    ','; no Ray); ``functions``: (name, weight, kind) triples. Returns ``g`` filled in."""
+    cfg = RewardConfig(step_delimiter=",", functions=[RewardFunctionConfig(name=n, weight=w, kind=k) for n, w, k in functions])
+    n = len(g.samples)
+    res = RewardSet(cfg).score([g.prompt.question] * n, [s.text for s in g.samples], {"answer": [g.prompt.answer] * n})
+    g.rewards, g.reward_parts, g.step_rewards = res.rewards, res.parts, res.step_rewards
+    return g
+
+
+def _process_adv(step_rewards, step_ends, mask):
+    """DeepSeekMath 4.1.3 advantages [B, T] of one batch (G = 2, default std/eps)."""
+    inp = grpo.AdvantageInputs(torch.zeros(len(step_rewards)), mask, 2, step_rewards, step_ends)
+    return grpo.compute_advantages(inp, ProcessAdvantage())
+
+
 def test_worker_scores_steps_and_batch_gives_token_advantages(tokenizer):
-    """Reward worker -> TrainBatch -> process advantages, checked against a hand computation."""
+    """RewardSet (the reward worker's scoring) -> TrainBatch -> process advantages, checked
+    against a hand computation."""
     good = arith.worked_solution({"question": "67+48"})
     sloppy = arith.worked_solution({"question": "67+48"}, forget_carry=True)
     g = _group("67+48", "115", [good, sloppy], tokenizer)
-    worker = RewardWorker([("arith_steps", 1.0, "process"), ("format", 0.0)], timeout_s=5.0, on_failure="zero",
-                          step_delimiter=",")
-    [g] = worker.score([g])
+    g = _score_group(g, [(ARITH_STEPS, 1.0, "process"), ("format", 0.0, "outcome")])
     assert g.step_rewards == [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
     assert g.rewards == [1.0, pytest.approx(1 / 3)]
     batch = collate_groups([g], pad_id=0)
     assert batch.step_rewards == g.step_rewards
     assert batch.step_ends == [s.step_ends for s in g.samples]
-    adv = grpo.process_advantages(batch.step_rewards, batch.step_ends, 2, batch.response_len) * batch.response_mask
+    adv = _process_adv(batch.step_rewards, batch.step_ends, batch.response_mask)
     # R = {1,1,1,1,0,0}: mean 2/3, unbiased std sqrt(4/15); +1 steps -> +z1, 0 steps -> -z0
     sd = math.sqrt(4 / 15)
     z1, z0 = (1 - 2 / 3) / (sd + 1e-6), (0 - 2 / 3) / (sd + 1e-6)
@@ -228,9 +246,13 @@ def test_add_to_last_step_and_informative():
     assert out == [[1.0, -0.5], [], [3.0]]
     with pytest.raises(ValueError):
         grpo.add_to_last_step([[1.0]], torch.tensor([1.0, 2.0]))
-    assert grpo.process_group_informative([[1.0, 0.0], [1.0]])
-    assert not grpo.process_group_informative([[1.0, 1.0], [1.0], None, []])
-    assert not grpo.process_group_informative([[1.0, NAN], [NAN]])  # one valid reward only
+    # a group is informative when its samples' step rewards are not all equal (group_signal flattens them)
+    def group(step_rewards):
+        return Group(Prompt(0, "q", [1], "q", "1"), [], step_rewards=step_rewards)
+
+    assert grpo.informative(group_signal(group([[1.0, 0.0], [1.0]]), True))
+    assert not grpo.informative(group_signal(group([[1.0, 1.0], [1.0], None, []]), True))
+    assert not grpo.informative(group_signal(group([[1.0, NAN], [NAN]]), True))  # one valid reward only
 
 
 # ---------------------------------------------------------------- config
@@ -238,7 +260,7 @@ def test_add_to_last_step_and_informative():
 
 def _write(tmp_path, text):
     p = tmp_path / "c.yaml"
-    p.write_text("model: {path: builtin:qwen2-tiny}\ndata: {source: arith}\n" + text)
+    p.write_text("model: {path: builtin:qwen2-tiny}\ndata: {source: 'troupe.demo.arith:ArithTask'}\n" + text)
     return p
 
 
@@ -246,11 +268,11 @@ def test_config_process_needs_a_process_function(tmp_path):
     with pytest.raises(ConfigError, match="needs a reward function with kind: process"):
         load_config(_write(tmp_path, "algo: {advantage: process}\n"))
     with pytest.raises(ConfigError, match="algo.advantage is 'grpo'"):
-        load_config(_write(tmp_path, "reward: {functions: [{name: arith_steps, kind: process}]}\n"))
+        load_config(_write(tmp_path, "reward: {functions: [{name: 'troupe.demo.arith:arith_steps', kind: process}]}\n"))
     with pytest.raises(ConfigError, match="kind"):
-        load_config(_write(tmp_path, "reward: {functions: [{name: arith_steps, kind: steps}]}\n"))
+        load_config(_write(tmp_path, "reward: {functions: [{name: 'troupe.demo.arith:arith_steps', kind: steps}]}\n"))
     cfg = load_config(_write(tmp_path, "algo: {advantage: process}\nreward: {step_delimiter: ',', functions: "
-                                       "[{name: arith_steps, kind: process}, {name: format, weight: 0.1}]}\n"))
+                                       "[{name: 'troupe.demo.arith:arith_steps', kind: process}, {name: format, weight: 0.1}]}\n"))
     assert cfg.reward.functions[0].kind == "process" and cfg.reward.functions[1].kind == "outcome"
     assert cfg.reward.step_delimiter == ","
 
@@ -259,21 +281,21 @@ def test_process_preset_loads():
     from pathlib import Path
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "arith_process_cpu.yaml")
-    assert cfg.algo.advantage == "process" and cfg.reward.step_delimiter == ","
+    assert cfg.algo.advantage.name == "process" and cfg.reward.step_delimiter == ","
 
 
 def test_score_cli_process_config(tmp_path, capsys):
     """`troupe score --config` with a process function writes each row's step rewards."""
     import json
 
-    from troupe.reward.score_cli import main
+    from troupe.cluster.score_cli import main
 
     good = arith.worked_solution({"question": "67+48"})
     sloppy = arith.worked_solution({"question": "67+48"}, forget_carry=True)
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"prompt": "67+48", "completion": c, "reference": "115"}) + "\n" for c in (good, sloppy)))
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("reward:\n  step_delimiter: ','\n  functions:\n    - {name: arith_steps, kind: process}\n"
+    cfg.write_text("reward:\n  step_delimiter: ','\n  functions:\n    - {name: 'troupe.demo.arith:arith_steps', kind: process}\n"
                    "    - {name: format, weight: 0.5}\n")
     assert main([str(inp), "--config", str(cfg), "--out", str(tmp_path / "o.jsonl")]) == 0
     recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
@@ -282,54 +304,52 @@ def test_score_cli_process_config(tmp_path, capsys):
 
 
 def test_loop_advantages_put_sequence_terms_on_the_last_step(tmp_path, tokenizer):
-    """cluster.train.advantages under algo.advantage 'process': the DAPO overlong penalty of each
+    """learner.step.step_advantages under algo.advantage 'process': the DAPO overlong penalty of each
     sample lands on its last step before the group normalisation (no Ray actor is started)."""
-    from troupe.cluster.train import advantages
 
     good = arith.worked_solution({"question": "67+48"})
     sloppy = arith.worked_solution({"question": "67+48"}, forget_carry=True)
     g = _group("67+48", "115", [good, sloppy], tokenizer)
-    [g] = RewardWorker([("arith_steps", 1.0, "process")], timeout_s=5.0, on_failure="zero", step_delimiter=",").score([g])
+    g = _score_group(g, [(ARITH_STEPS, 1.0, "process")])
     batch = collate_groups([g], pad_id=0)
     lengths = [len(s.response_ids) for s in g.samples]
     L = max(lengths)
     cfg = load_config(_write(tmp_path, f"rollout: {{group_size: 2, prompts_per_step: 1, max_new_tokens: {L}}}\n"
                                        "learner: {micro_batch_size: 2}\n"
                                        "algo: {advantage: process, overlong_buffer: 4, overlong_penalty: 1.0}\n"
-                                       "reward: {step_delimiter: ',', functions: [{name: arith_steps, kind: process}]}\n"))
-    adv, rewards = advantages(batch, [], cfg)
+                                       "reward: {step_delimiter: ',', functions: [{name: 'troupe.demo.arith:arith_steps', kind: process}]}\n"))
+    adv, _ = step_advantages(batch, cfg.algo, 2, L)
+    rewards = batch.rewards + sequence_shaping(batch, cfg.algo, L, None)
     # DAPO ramp: L_i > L - 4 gets (L - 4 - L_i) / 4
     pen = [min(0.0, (L - 4 - n) / 4) for n in lengths]
     assert pen[lengths.index(L)] == -1.0
-    expected = grpo.process_advantages([[1.0, 1.0, 1.0 + pen[0]], [1.0, 0.0, 0.0 + pen[1]]], batch.step_ends, 2,
-                                       batch.response_len) * batch.response_mask
+    expected = _process_adv([[1.0, 1.0, 1.0 + pen[0]], [1.0, 0.0, 0.0 + pen[1]]], batch.step_ends, batch.response_mask)
     assert torch.allclose(adv, expected)
     assert rewards.tolist() == pytest.approx([1.0 + pen[0], 1 / 3 + pen[1]])
     # the same batch under outcome GRPO: one advantage per sample, broadcast over its tokens
-    cfg_outcome = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"advantage": "grpo"})})
-    adv_o, _ = advantages(batch, [], cfg_outcome)
+    adv_o, _ = step_advantages(batch, cfg.algo.model_copy(update={"advantage": GRPOAdvantage()}), 2, L)
     assert adv_o[0, 0] > 0 > adv_o[1, 0] and (adv_o[0, :lengths[0]] == adv_o[0, 0]).all()
 
 
 def test_loop_advantages_put_kl_in_reward_on_the_last_step(tmp_path, tokenizer):
     """kl_in 'reward' under process supervision: -kl_coef * sum_t KL_t of each sample is added to
     its last step (k1 with hand-picked log-probs, so the KL sums are exact)."""
-    from troupe.cluster.train import advantages
 
     good = arith.worked_solution({"question": "67+48"})
     sloppy = arith.worked_solution({"question": "67+48"}, forget_carry=True)
     g = _group("67+48", "115", [good, sloppy], tokenizer)
-    [g] = RewardWorker([("arith_steps", 1.0, "process")], timeout_s=5.0, on_failure="zero", step_delimiter=",").score([g])
+    g = _score_group(g, [(ARITH_STEPS, 1.0, "process")])
     batch = collate_groups([g], pad_id=0)
     cfg = load_config(_write(tmp_path, "rollout: {group_size: 2, prompts_per_step: 1, max_new_tokens: 64}\n"
                                        "learner: {micro_batch_size: 2}\n"
                                        "algo: {advantage: process, kl_coef: 0.5, kl_in: reward, kl_estimator: k1}\n"
-                                       "reward: {step_delimiter: ',', functions: [{name: arith_steps, kind: process}]}\n"))
+                                       "reward: {step_delimiter: ',', functions: [{name: 'troupe.demo.arith:arith_steps', kind: process}]}\n"))
     old = torch.full((2, batch.response_len), -1.0)
     ref = torch.full((2, batch.response_len), -1.25)  # k1 = old - ref = 0.25 per token
-    adv, rewards = advantages(batch, [{"old_logprobs": old, "ref_logprobs": ref}], cfg)
+    kl_sums = grpo.sequence_kl(old, ref, batch.response_mask, "k1")
+    adv, _ = step_advantages(batch, cfg.algo, 2, 64, kl_sums)
+    rewards = batch.rewards + sequence_shaping(batch, cfg.algo, 64, kl_sums)
     kl = [0.5 * 0.25 * len(s.response_ids) for s in g.samples]  # kl_coef * sum over the sample's tokens
-    expected = grpo.process_advantages([[1.0, 1.0, 1.0 - kl[0]], [1.0, 0.0, 0.0 - kl[1]]], batch.step_ends, 2,
-                                       batch.response_len) * batch.response_mask
+    expected = _process_adv([[1.0, 1.0, 1.0 - kl[0]], [1.0, 0.0, 0.0 - kl[1]]], batch.step_ends, batch.response_mask)
     assert torch.allclose(adv, expected)
     assert rewards.tolist() == pytest.approx([1.0 - kl[0], 1 / 3 - kl[1]])

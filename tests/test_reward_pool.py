@@ -2,14 +2,14 @@
 
 The fault-injection reward functions live in tests/reward_plugins.py, loaded by name
 (``reward_plugins:<fn>``): pytest puts this folder on sys.path for the test process, and the
-Ray fixture puts it on the workers' PYTHONPATH.
+``ray_local`` fixture (tests/conftest.py) puts it on the workers' PYTHONPATH. Tests that start
+Ray are marked ``ray``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -17,8 +17,15 @@ import pytest
 
 from troupe.configs.schema import RewardConfig, RewardFunctionConfig
 from troupe.reward.registry import BUILTIN_REWARDS, load_reward_function
-from troupe.reward.scoring import call_with_timeout, score_batch
-from troupe.rollout.types import Group, Prompt, Sample
+from troupe.reward.scoring import (
+    RESERVED_COLUMNS,
+    RewardSet,
+    call_with_timeout,
+    column_names,
+    reward_columns,
+    score_batch,
+)
+from troupe.core.types import Group, Prompt, Sample
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -37,7 +44,7 @@ def _score(fns, completions, *, timeout_s=5.0, on_failure="zero", **columns):
 
 
 def test_builtin_names():
-    assert set(BUILTIN_REWARDS) == {"accuracy", "format", "gsm8k", "math", "language", "arith_steps"}
+    assert set(BUILTIN_REWARDS) == {"accuracy", "format", "gsm8k", "math", "language"}
     for name in BUILTIN_REWARDS:
         assert load_reward_function(name) is BUILTIN_REWARDS[name]
 
@@ -213,20 +220,6 @@ def _groups(n: int, g: int, *, marker: str | None = None) -> list[Group]:
     return groups
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    pythonpath = os.pathsep.join(p for p in [str(TESTS_DIR), os.environ.get("PYTHONPATH", "")] if p)
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-    )
-    yield ray
-    ray.shutdown()
-
-
 def _cfg(names_weights, num_workers=2, **kw):
     return RewardConfig(
         num_workers=num_workers,
@@ -235,6 +228,7 @@ def _cfg(names_weights, num_workers=2, **kw):
     )
 
 
+@pytest.mark.ray
 def test_pool_scores_64_groups_with_2_workers(ray_local):
     from troupe.reward.pool import RewardPool
 
@@ -258,6 +252,7 @@ def test_pool_scores_64_groups_with_2_workers(ray_local):
         pool.shutdown()
 
 
+@pytest.mark.ray
 def test_pool_survives_worker_process_crash(ray_local, tmp_path):
     from troupe.reward.pool import RewardPool
 
@@ -276,10 +271,11 @@ def test_pool_survives_worker_process_crash(ray_local, tmp_path):
         pool.shutdown()
 
 
+@pytest.mark.ray
 def test_pool_replaces_killed_actor_and_resubmits(ray_local):
-    import ray
-
     from troupe.reward.pool import RewardPool
+
+    ray = ray_local
 
     pool = RewardPool(_cfg([("reward_plugins:slow", 1.0)], num_workers=1))
     try:
@@ -305,6 +301,7 @@ def _text_groups(texts_per_group: list[list[str]]) -> list[Group]:
     ]
 
 
+@pytest.mark.ray
 def test_pool_recovers_from_wedged_worker(ray_local):
     """A reward stuck in C code holding the GIL (no thread timeout can fire) wedges its worker;
     the heartbeat notices, the batch is retried once on a fresh worker, then scored as failed,
@@ -330,6 +327,7 @@ def test_pool_recovers_from_wedged_worker(ray_local):
         pool.shutdown()
 
 
+@pytest.mark.ray
 def test_pool_scores_only_the_worker_killing_group_as_failed(ray_local):
     """A reward function that kills the process on one input, every time: the batch is tried on
     two restarted processes and a replacement worker, then group by group; only the killing group
@@ -348,6 +346,7 @@ def test_pool_scores_only_the_worker_killing_group_as_failed(ray_local):
         pool.shutdown()
 
 
+@pytest.mark.ray
 def test_pool_rejects_bad_spec_before_starting(ray_local):
     from troupe.reward.pool import RewardPool
 
@@ -355,11 +354,49 @@ def test_pool_rejects_bad_spec_before_starting(ray_local):
         RewardPool(_cfg([("no_such_module_xyz:f", 1.0)]))
 
 
+# ---------------------------------------------------------------- RewardSet and the worker, in-process
+
+
+def test_reward_set_loads_once_and_scores():
+    rs = RewardSet(_cfg([("reward_plugins:good", 1.0), ("reward_plugins:good", 2.0)], timeout_s=3.0,
+                        on_failure="exclude"))
+    assert rs.names == ["reward_plugins:good", "reward_plugins:good#2"]
+    assert rs.process == frozenset() and rs.timeout_s == 3.0 and rs.on_failure == "exclude"
+    res = rs.score(["q", "q"], ["ok 1", "ok 2"], {"answer": ["0", "0"]})
+    assert res.rewards == [3.0, 6.0] and res.step_rewards == []
+    with pytest.raises(ValueError, match="no module named"):
+        RewardSet(_cfg([("no_such_module_xyz:f", 1.0)]))
+
+
+def test_reserved_columns_are_rejected_and_skipped():
+    assert set(RESERVED_COLUMNS) == {"prompts", "completions", "steps"}
+    fns = _fns(("reward_plugins:good", 1.0))
+    for name in RESERVED_COLUMNS:
+        with pytest.raises(ValueError, match="reserved"):
+            score_batch(fns, ["q"], ["ok 1"], {name: [1]}, timeout_s=1, on_failure="zero")
+    rows = [{"steps": 1, "answer": "a", "b": 2}, {"c": 3, "prompts": 4}]
+    assert column_names(rows) == ["b", "c"]
+    assert column_names(rows, skip={"c"}) == ["b"]
+    assert reward_columns(["x", "y"], rows, ["b", "c"]) == {"answer": ["x", "y"], "b": [2, None], "c": [None, 3]}
+
+
+def test_worker_in_process_passes_columns():
+    from troupe.reward.pool import RewardWorker
+
+    groups = _groups(1, 2, marker="m") + _groups(1, 2)  # the second group has no marker column
+    groups[0].prompt.columns["steps"] = "not a column"  # reserved: skipped, not an error
+    worker = RewardWorker(_cfg([("accuracy", 1.0), ("reward_plugins:has_marker", 2.0)]))
+    assert worker.ping() == ["accuracy", "reward_plugins:has_marker"]
+    scored = worker.score(groups)
+    assert [g.rewards for g in scored] == [[3.0, 2.0], [1.0, 0.0]]
+    assert all(g.failures == {} for g in scored)
+
+
 # ---------------------------------------------------------------- troupe score (in-process)
 
 
 def test_score_cli_rewards_and_out(tmp_path, capsys):
-    from troupe.reward.score_cli import main
+    from troupe.cluster.score_cli import main
 
     inp = tmp_path / "in.jsonl"
     rows = [
@@ -382,7 +419,7 @@ def test_score_cli_rewards_and_out(tmp_path, capsys):
 
 
 def test_score_cli_preset_and_config(tmp_path, capsys):
-    from troupe.reward.score_cli import main
+    from troupe.cluster.score_cli import main
     from troupe.rollout.data import load_preset
 
     data = load_preset("gsm8k", "test", max_rows=4)
@@ -412,7 +449,7 @@ def test_score_cli_preset_and_config(tmp_path, capsys):
     ],
 )
 def test_score_cli_bad_input_exit_2(tmp_path, capsys, content, args, message):
-    from troupe.reward.score_cli import main
+    from troupe.cluster.score_cli import main
 
     inp = tmp_path / "in.jsonl"
     if content is not None:

@@ -20,6 +20,15 @@ carry often enough for GRPO's outcome reward to make it the greedy choice (~95%)
 clean solutions instead lands on a knife edge (20% at 200 steps, 95% at 350) from which GRPO
 did not improve in the prototype.
 
+The task reaches the core only through configuration (nothing in the core imports this module):
+
+* ``data.source: "troupe.demo.arith:ArithTask"``: :class:`ArithTask` is a data-source plugin
+  (interface: ``troupe.rollout.data.DataSource``) whose ``data.options`` are
+  :class:`ArithOptions`; it generates the rows, the cold-start examples (``sft.enabled``) and
+  the worked solutions the local tiny tokenizer is trained on.
+* ``reward.functions: [{name: "troupe.demo.arith:arith_steps", kind: process}]``: the process
+  verifier :func:`arith_steps` (``configs/arith_process_cpu.yaml``).
+
 This module imports neither torch nor ray nor vllm.
 """
 
@@ -27,6 +36,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from troupe.reward.registry import accuracy
 
 PROMPT_FORMAT = "Compute {question}. Think in <think></think>, answer in <answer></answer>.\n"
 """Raw prompt template (data.template 'raw'); the response starts with ``<think>``."""
@@ -171,3 +185,76 @@ def cold_start_examples(
         out += [(prompt_format.format(question=r["question"]), worked_solution(r)) for r in extra]
         rng.shuffle(out)
     return out
+
+
+def arith_steps(prompts: list[str], completions: list[Any], steps: list[list[str]], **columns: Any) -> list[list[float]]:
+    """Process reward for the arithmetic task (config: ``name: "troupe.demo.arith:arith_steps"``, ``kind: process``).
+
+    A rule-based process verifier with gold step labels (as Math-Shepherd labels steps
+    automatically): the reference is the column-addition worked solution of
+    :func:`worked_solution` cut at ``","`` (reward.step_delimiter: ","), e.g.
+    for 67+48 the steps ``<think>7+8=15``, ``6+4+1=11``, ``so 115</think><answer>115</answer>``.
+    Step j < S-1 of a completion scores 1.0 when it equals reference step j (whitespace
+    stripped) and 0.0 otherwise (a dropped carry, a wrong digit sum, an extra step); the last
+    step scores the outcome, :func:`troupe.reward.verifiers.accuracy_reward` of the whole
+    completion against ``answer`` (the built-in ``accuracy`` reward).
+
+    Inputs: ``prompts`` (the questions, ``"67+48"``), ``completions``, ``steps`` ([N] lists of
+    step texts), ``answer``. Output: [N] lists of len(steps[i]) scores.
+    Raises ValueError when ``answer`` is missing or a question is not an addition.
+    """
+    outcomes = accuracy(prompts, completions, **columns)
+    out = []
+    for q, st, outcome in zip(prompts, steps, outcomes):
+        gold = [g.strip() for g in worked_solution({"question": str(q).strip()}).split(",")]
+        scores = [1.0 if j < len(gold) - 1 and t.strip() == gold[j] else 0.0 for j, t in enumerate(st[:-1])]
+        out.append(scores + [outcome])
+    return out
+
+
+class ArithOptions(BaseModel):
+    """``data.options`` of :class:`ArithTask` (validated when the data is loaded, e.g. by ``troupe check``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_operand: int = Field(99, ge=1, le=10**6, description="Largest operand.")
+    min_operand: int = Field(0, ge=0, le=10**6, description="Smallest operand.")
+    num_train: int = Field(20000, ge=16, description="Training prompts generated.")
+    num_operands: int = Field(2, ge=2, le=8, description="Operands per question.")
+    carry_slip: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Cold start: share of solutions written by a sloppy student who drops carries "
+        "(imperfect cold-start data whose systematic error RL has to remove).")
+    triples: float = Field(0.0, ge=0.0, le=10.0,
+                           description="Cold start: extra correct three-term digit sums, as a share of sft.num_examples.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ArithOptions":
+        if self.min_operand > self.max_operand:
+            raise ValueError("min_operand must not exceed max_operand")
+        return self
+
+
+class ArithTask:
+    """The arithmetic task as a data-source plugin: ``data.source: "troupe.demo.arith:ArithTask"``."""
+
+    Options = ArithOptions
+
+    @staticmethod
+    def rows(options: ArithOptions, seed: int, num_eval: int) -> tuple[list[dict], list[dict]]:
+        """(``options.num_train`` train rows, ``num_eval`` distinct held-out rows), disjoint splits."""
+        kw = dict(num_operands=options.num_operands, min_operand=options.min_operand)
+        train = arith_rows(options.num_train, seed, options.max_operand, "train", **kw)
+        held = arith_rows(num_eval, seed, options.max_operand, "eval", **kw)
+        return train, held
+
+    @staticmethod
+    def cold_start(rows: list[dict], options: ArithOptions, seed: int) -> list[tuple[str, str]]:
+        """(question, worked solution) pairs: :func:`cold_start_examples` with the options' carry_slip and triples."""
+        return cold_start_examples(rows, prompt_format="{question}", carry_slip=options.carry_slip,
+                                   triples=options.triples, seed=seed)
+
+    @staticmethod
+    def tokenizer_corpus(rows: list[dict]) -> list[str]:
+        """The worked solutions of ``rows``: the text the tiny tokenizer must cover besides the prompts."""
+        return [worked_solution(r) for r in rows]

@@ -8,17 +8,19 @@ Usage::
                  [--timeout S] [--on-failure zero|exclude]
 
 Each input row holds a completion and (unless ``--preset``) a reference answer (field
-``reference``, else ``answer``, or ``--answer-field``); the prompt is optional. With ``--preset``, prompts and references come from the preset data set, row
-``i`` of the input matching row ``index`` (the input's ``index`` field, else its position)
-of the preset split (default split ``test``), and the default reward is the preset's
-(``gsm8k`` or ``math``). Other input fields are passed to reward functions as columns.
+``reference``, else ``answer``, or ``--answer-field``); the prompt is optional. With
+``--preset``, prompts and references come from the preset data set, row ``i`` of the input
+matching row ``index`` (the input's ``index`` field, else its position) of the preset split
+(default split ``test``), and the default reward is the preset's (``gsm8k`` or ``math``).
+Other input fields are passed to reward functions as columns (except those named in
+``troupe.reward.scoring.RESERVED_COLUMNS``). Scoring is ``troupe.reward.scoring.RewardSet``,
+the same as in the reward workers.
 
 Writes one JSON line per input row: ``{"index", "reward", "parts", "failure"}`` (``failure``:
 function name -> cause, or null; with process reward functions in ``--config`` also
 ``step_rewards``, the completion cut at ``reward.step_delimiter``) to ``--out`` (or stdout),
-and a summary (rows, mean reward,
-per-function means, failures by cause) to stdout (stderr when the rows go to stdout).
-Exit status: 0 on success, 2 on bad input (message on stderr).
+and a summary (rows, mean reward, per-function means, failures by cause) to stdout (stderr
+when the rows go to stdout). Exit status: 0 on success, 2 on bad input (message on stderr).
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ import json
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
+
+import yaml
+from pydantic import ValidationError
+
+from troupe.configs.schema import RewardConfig
+from troupe.reward.scoring import RewardSet, ScoreResult, column_names, reward_columns
+from troupe.rollout.data import PRESETS, DataError, load_preset
 
 __all__ = ["main", "parse_reward_list"]
 
@@ -118,50 +127,98 @@ def _read_input(path: str, completion_field: str) -> list[dict]:
     return rows
 
 
-def _reward_setup(args: argparse.Namespace) -> tuple[list[tuple[str, float]], float, str, set[int], str]:
-    """(specs, timeout, on_failure, indices of process functions, step delimiter)."""
-    timeout, on_failure, process, delimiter = 10.0, "zero", set(), "\n"
+def _config_section(path: str) -> RewardConfig:
+    """The ``reward`` section of a run config file (or the whole file when it has none)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise _InputError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise _InputError(f"{path}: not valid YAML: {e}") from None
+    section = raw.get("reward", raw) if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        raise _InputError(f"{path}: no `reward` section")
+    try:
+        return RewardConfig.model_validate(section)
+    except ValidationError as e:
+        raise _InputError(f"{path}: {_messages(e)}") from None
+
+
+def _messages(e: ValidationError) -> str:
+    return "; ".join(f"reward.{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors())
+
+
+def _reward_config(args: argparse.Namespace) -> RewardConfig:
+    """The RewardConfig to score with: from ``--config``, ``--rewards`` or the preset's reward,
+    then ``--timeout`` and ``--on-failure`` (defaults: the config's, else 10 s and ``zero``)."""
     if args.config:
-        import yaml
-        from pydantic import ValidationError
-
-        from troupe.configs.schema import RewardConfig
-
-        try:
-            raw = yaml.safe_load(Path(args.config).read_text())
-        except FileNotFoundError:
-            raise _InputError(f"{args.config}: no such config file") from None
-        except yaml.YAMLError as e:
-            raise _InputError(f"{args.config}: not valid YAML: {e}") from None
-        section = raw.get("reward", raw) if isinstance(raw, dict) else None
-        if not isinstance(section, dict):
-            raise _InputError(f"{args.config}: no `reward` section")
-        try:
-            cfg = RewardConfig.model_validate(section)
-        except ValidationError as e:
-            msgs = "; ".join(f"reward.{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors())
-            raise _InputError(f"{args.config}: {msgs}") from None
-        specs = [(f.name, f.weight) for f in cfg.functions]
-        process = {i for i, f in enumerate(cfg.functions) if f.kind == "process"}
-        timeout, on_failure, delimiter = cfg.timeout_s, cfg.on_failure, cfg.step_delimiter
-    elif args.rewards:
-        try:
-            specs = parse_reward_list(args.rewards)
-        except ValueError as e:
-            raise _InputError(str(e)) from None
-    elif args.preset:
-        from troupe.rollout.data import PRESETS
-
-        specs = [(PRESETS[args.preset]["reward"], 1.0)]
+        cfg = _config_section(args.config)
     else:
-        raise _InputError("give --rewards, --config or --preset")
+        if args.rewards:
+            try:
+                specs = parse_reward_list(args.rewards)
+            except ValueError as e:
+                raise _InputError(str(e)) from None
+        elif args.preset:
+            specs = [(PRESETS[args.preset]["reward"], 1.0)]
+        else:
+            raise _InputError("give --rewards, --config or --preset")
+        try:
+            cfg = RewardConfig.model_validate({"functions": [{"name": s, "weight": w} for s, w in specs]})
+        except ValidationError as e:
+            raise _InputError(f"--rewards: {_messages(e)}") from None
+    update: dict[str, Any] = {}
     if args.timeout is not None:
         if not args.timeout > 0:
             raise _InputError("--timeout must be > 0")
-        timeout = args.timeout
+        update["timeout_s"] = args.timeout
     if args.on_failure:
-        on_failure = args.on_failure
-    return specs, timeout, on_failure, process, delimiter
+        update["on_failure"] = args.on_failure
+    return cfg.model_copy(update=update)
+
+
+def _load_rewards(args: argparse.Namespace) -> RewardSet:
+    try:
+        return RewardSet(_reward_config(args))
+    except ValueError as e:
+        raise _InputError(str(e)) from None
+
+
+def _preset_prompts(args: argparse.Namespace, rows: list[dict], indices: list[Any]) -> tuple[list[str], list[str]]:
+    """(prompts, answers): row ``index`` of the preset split for each input row."""
+    try:
+        data = load_preset(args.preset, args.split)
+    except DataError as e:
+        raise _InputError(str(e)) from None
+    prompts, answers = [], []
+    for r, idx in zip(rows, indices):
+        if not isinstance(idx, int) or not 0 <= idx < len(data):
+            raise _InputError(
+                f"{args.input}:{r['__line__']}: index {idx!r} is not a row of preset "
+                f"{args.preset}/{args.split} ({len(data)} rows)"
+            )
+        prompts.append(data[idx]["question"])
+        answers.append(data[idx]["answer"])
+    return prompts, answers
+
+
+def _row_prompts(args: argparse.Namespace, rows: list[dict]) -> tuple[list[str], list[str]]:
+    """(prompts, answers) from the input rows' own fields (prompt optional, reference required)."""
+    prompts, answers = [], []
+    for r in rows:
+        where = f"{args.input}:{r['__line__']}"
+        field = args.answer_field or ("reference" if "reference" in r else "answer")
+        if field not in r or r[field] is None:
+            raise _InputError(f"{where}: missing field {field!r} (reference answer)")
+        a = r[field]
+        if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+            raise _InputError(f"{where}: field {field!r} must be a string or number")
+        p = r.get(args.prompt_field, "")
+        if not isinstance(p, str):
+            raise _InputError(f"{where}: field {args.prompt_field!r} (prompt) must be a string")
+        prompts.append(p)
+        answers.append(str(a))
+    return prompts, answers
 
 
 def _mean(xs: Sequence[Optional[float]]) -> Optional[float]:
@@ -193,88 +250,45 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from troupe.reward.registry import load_reward_function
-    from troupe.reward.scoring import part_names, score_batch
-
-    specs, timeout, on_failure, process_idx, delimiter = _reward_setup(args)
-    fns = []
-    names = part_names([s for s, _ in specs])
-    for name, (spec, weight) in zip(names, specs):
-        try:
-            fns.append((name, load_reward_function(spec), float(weight)))
-        except ValueError as e:
-            raise _InputError(str(e)) from None
-
+    """Load the functions, read and score the input, write the rows and the summary; 0."""
+    rewards = _load_rewards(args)
     rows = _read_input(args.input, args.completion_field)
-    n = len(rows)
     completions = [r[args.completion_field] for r in rows]
     indices = [r.get("index", i) for i, r in enumerate(rows)]
     if args.preset:
-        from troupe.rollout.data import DataError, load_preset
-
-        try:
-            data = load_preset(args.preset, args.split)
-        except DataError as e:
-            raise _InputError(str(e)) from None
-        prompts, answers = [], []
-        for r, idx in zip(rows, indices):
-            if not isinstance(idx, int) or not 0 <= idx < len(data):
-                raise _InputError(
-                    f"{args.input}:{r['__line__']}: index {idx!r} is not a row of preset "
-                    f"{args.preset}/{args.split} ({len(data)} rows)"
-                )
-            prompts.append(data[idx]["question"])
-            answers.append(data[idx]["answer"])
+        prompts, answers = _preset_prompts(args, rows, indices)
     else:
-        prompts, answers = [], []
-        for r in rows:
-            field = args.answer_field or ("reference" if "reference" in r else "answer")
-            if field not in r or r[field] is None:
-                raise _InputError(f"{args.input}:{r['__line__']}: missing field {field!r} (reference answer)")
-            a = r[field]
-            if isinstance(a, bool) or not isinstance(a, (str, int, float)):
-                raise _InputError(f"{args.input}:{r['__line__']}: field {field!r} must be a string or number")
-            p = r.get(args.prompt_field, "")
-            if not isinstance(p, str):
-                raise _InputError(f"{args.input}:{r['__line__']}: field {args.prompt_field!r} (prompt) must be a string")
-            prompts.append(p)
-            answers.append(str(a))
-    skip = {args.completion_field, args.prompt_field, args.answer_field or "reference", "__line__", "index"}
-    skip |= {"prompts", "completions", "answer"}
-    extra = sorted({k for r in rows for k in r if k not in skip})
-    columns: dict[str, list[Any]] = {"answer": answers}
-    for k in extra:
-        columns[k] = [r.get(k) for r in rows]
+        prompts, answers = _row_prompts(args, rows)
+    read_here = {args.completion_field, args.prompt_field, args.answer_field or "reference", "__line__", "index"}
+    columns = reward_columns(answers, rows, column_names(rows, skip=read_here))
+    res = rewards.score(prompts, completions, columns)
+    _write_rows(args.out, res, indices, with_steps=bool(rewards.process))
+    _print_summary(args.out, res, len(rows))
+    return 0
 
-    process = {fns[i][0] for i in process_idx}
-    steps = None
-    if process:
-        from troupe.rollout.steps import step_texts
 
-        steps = [step_texts(str(c), delimiter) for c in completions]
-    res = score_batch(fns, prompts, completions, columns, timeout_s=timeout, on_failure=on_failure,
-                      process=process, steps=steps)
-
-    out: TextIO
-    to_stdout = not args.out
-    out = sys.stdout if to_stdout else open(args.out, "w", encoding="utf-8")
+def _write_rows(path: Optional[str], res: ScoreResult, indices: list[Any], with_steps: bool) -> None:
+    """One JSON line per input row to ``path`` (stdout when None)."""
+    out: TextIO = sys.stdout if not path else open(path, "w", encoding="utf-8")
     try:
-        for i in range(n):
+        for i, index in enumerate(indices):
             failure = {name: res.errors[name][i] for name in res.errors if res.errors[name][i] is not None}
             rec = {
-                "index": indices[i],
+                "index": index,
                 "reward": res.rewards[i],
                 "parts": {name: res.parts[name][i] for name in res.parts},
                 "failure": failure or None,
             }
-            if process:
+            if with_steps:
                 rec["step_rewards"] = res.step_rewards[i]
             out.write(json.dumps(rec) + "\n")
     finally:
-        if not to_stdout:
+        if path:
             out.close()
 
-    summary = sys.stderr if to_stdout else sys.stdout
+
+def _print_summary(path: Optional[str], res: ScoreResult, n: int) -> None:
+    """Rows, mean reward, per-function means, failures: to stdout, or stderr when the rows went there."""
     scored = [x for x in res.rewards if x is not None]
     lines = [
         f"rows: {n}  scored: {len(scored)}  mean reward: {_fmt(_mean(res.rewards))}",
@@ -285,10 +299,9 @@ def _score(args: argparse.Namespace) -> int:
     ]
     for name, msg in res.messages.items():
         lines.append(f"first error in {name}: {msg}")
-    if args.out:
-        lines.append(f"wrote {args.out}")
-    print("\n".join(lines), file=summary)
-    return 0
+    if path:
+        lines.append(f"wrote {path}")
+    print("\n".join(lines), file=sys.stdout if path else sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

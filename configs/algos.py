@@ -1,0 +1,160 @@
+"""Typed configs of the advantage estimators and policy losses, one class per variant.
+
+``algo.advantage`` and ``algo.policy_loss`` in a run config name a variant and carry that
+variant's own settings (prime-rl style: one pydantic class per algorithm variant, with bounds
+and docs)::
+
+    algo:
+      advantage: grpo                                  # a name alone takes the defaults
+      policy_loss: {name: ppo_clip, clip_high: 0.28}   # or a mapping with the name and settings
+
+The maths for each name is registered next to it in ``troupe.learner.algorithms`` (one
+function per variant, veRL core_algos style). This module imports pydantic only, so a config can
+be validated without torch; a new variant registers its config class here through
+``troupe.learner.algorithms.advantage_estimator`` / ``policy_loss`` (one function plus one
+config class, nothing else; see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Variant(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = Field(description="The registered name of this variant.")
+
+
+class AdvantageConfig(_Variant):
+    """Base class of an advantage estimator's config.
+
+    ``uses_step_rewards`` (class attribute) is True for estimators that read per-step rewards
+    (process supervision): the engines then mark step ends, the reward workers score steps, and
+    per-sequence reward shaping is added to the last step.
+    """
+
+    uses_step_rewards: ClassVar[bool] = False
+
+
+class PolicyLossConfig(_Variant):
+    """Base class of a policy loss's config."""
+
+
+class _GroupStd(AdvantageConfig):
+    std: Literal["unbiased", "population"] = Field(
+        "unbiased", description="Group std divisor: 'unbiased' (N-1, veRL/TRL) or 'population' (N).")
+    eps: float = Field(1e-6, gt=0.0, le=1.0, description="Added to the std (veRL 1e-6, TRL 1e-4).")
+
+
+class GRPOAdvantage(_GroupStd):
+    """GRPO (DeepSeekMath arXiv 2402.03300, 4.1.2): A_i = (r_i - mean_g r) / (std_g r + eps)."""
+
+    name: Literal["grpo"] = "grpo"
+
+
+class DrGRPOAdvantage(AdvantageConfig):
+    """Dr.GRPO (arXiv 2503.20783): A_i = r_i - mean_g r, no std division."""
+
+    name: Literal["dr_grpo"] = "dr_grpo"
+
+
+class RLOOAdvantage(AdvantageConfig):
+    """RLOO (arXiv 2402.14740): leave-one-out baseline, A_i = n/(n-1) (r_i - mean_g r)."""
+
+    name: Literal["rloo"] = "rloo"
+
+
+class ReinforcePPBaselineAdvantage(_GroupStd):
+    """REINFORCE++-baseline (arXiv 2501.03262): group mean removed, then whitened over the batch's tokens."""
+
+    name: Literal["reinforce_pp_baseline"] = "reinforce_pp_baseline"
+
+
+class ProcessAdvantage(_GroupStd):
+    """Process supervision (DeepSeekMath 4.1.3): step rewards normalised over the group; a token gets
+    the sum of the normalised rewards of the steps ending at or after it. Needs a reward function of
+    kind 'process'."""
+
+    name: Literal["process"] = "process"
+    uses_step_rewards: ClassVar[bool] = True
+
+
+class PPOClipLoss(PolicyLossConfig):
+    """PPO clipped surrogate with a per-token ratio (GRPO, DeepSeekMath eq. 3), DAPO clip-higher,
+    optional dual clip (arXiv 1912.09729)."""
+
+    name: Literal["ppo_clip"] = "ppo_clip"
+    clip_low: float = Field(0.2, ge=0.0, le=1.0, description="eps_low: ratio clipped below at 1 - clip_low.")
+    clip_high: float = Field(0.28, ge=0.0, le=10.0, description="eps_high (DAPO clip-higher): ratio clipped at 1 + clip_high.")
+    dual_clip: Optional[float] = Field(None, gt=1.0, description="Dual-clip bound c for negative advantages (None: off).")
+
+
+class GSPOLoss(PolicyLossConfig):
+    """GSPO (arXiv 2507.18071): the length-normalised sequence ratio, clipped; defaults are the
+    paper's clip ranges (3e-4 / 4e-4)."""
+
+    name: Literal["gspo"] = "gspo"
+    clip_low: float = Field(3e-4, ge=0.0, le=1.0, description="Sequence ratio clipped below at 1 - clip_low.")
+    clip_high: float = Field(4e-4, ge=0.0, le=10.0, description="Sequence ratio clipped above at 1 + clip_high.")
+
+
+class _ConfigRegistry:
+    """Name -> config class of one kind of variant (advantage estimators or policy losses)."""
+
+    def __init__(self, kind: str, base: type[_Variant]) -> None:
+        self.kind, self.base = kind, base
+        self._classes: dict[str, type[_Variant]] = {}
+
+    def register(self, name: str, cls: type[_Variant]) -> None:
+        """Register ``cls`` as the config of variant ``name``.
+
+        Raises:
+            TypeError: ``cls`` is not a subclass of the kind's base config class.
+            ValueError: ``name`` is taken by another class, or ``cls.name`` defaults to another name.
+        """
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise TypeError(f"{self.kind} {name!r}: config class must subclass {self.base.__name__}, got {cls!r}")
+        default = cls.model_fields["name"].default
+        if default != name:
+            raise ValueError(f"{self.kind} {name!r}: {cls.__name__}.name must default to {name!r} (got {default!r})")
+        if self._classes.get(name, cls) is not cls:
+            raise ValueError(f"{self.kind} {name!r} is already registered with {self._classes[name].__name__}")
+        self._classes[name] = cls
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._classes)
+
+    def config_class(self, name: str) -> type[_Variant]:
+        """The config class of ``name``; ValueError listing the registered names if unknown."""
+        if name not in self._classes:
+            raise ValueError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
+        return self._classes[name]
+
+    def parse(self, value: Any, default: str) -> _Variant:
+        """A config instance from a name, a mapping with ``name`` (``default`` when absent), or an instance."""
+        if isinstance(value, self.base):
+            return value
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a {self.kind} name or a mapping with 'name', got {value!r}")
+        value = {"name": default, **value}
+        try:
+            return self.config_class(value["name"]).model_validate(value)
+        except ValidationError as e:  # re-raised as ValueError so pydantic keeps the outer key path
+            raise ValueError("; ".join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors())) from None
+
+
+ADVANTAGE_CONFIGS = _ConfigRegistry("advantage estimator", AdvantageConfig)
+"""Advantage estimator name -> config class (``troupe.learner.algorithms`` registers the maths)."""
+POLICY_LOSS_CONFIGS = _ConfigRegistry("policy loss", PolicyLossConfig)
+"""Policy loss name -> config class."""
+
+for _cls in (GRPOAdvantage, DrGRPOAdvantage, RLOOAdvantage, ReinforcePPBaselineAdvantage, ProcessAdvantage):
+    ADVANTAGE_CONFIGS.register(_cls.model_fields["name"].default, _cls)
+for _cls in (PPOClipLoss, GSPOLoss):
+    POLICY_LOSS_CONFIGS.register(_cls.model_fields["name"].default, _cls)
