@@ -37,7 +37,9 @@ def init_ray(cfg: RunConfig, address: str | None, dashboard: bool = False) -> No
         return
     need = cfg.rollout.num_engines * cfg.rollout.num_cpus_per_engine + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank \
         + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), runtime_env=env,
+    # address="local": always a fresh embedded cluster, even where an earlier `ray start --head`
+    # left its address file behind (a plain ray.init would try to connect to it)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), runtime_env=env,
              include_dashboard=dashboard, log_to_driver=True)
 
 

@@ -8,6 +8,8 @@
         every sync.every steps: weights -> engines as version v+1; check engine/learner logprobs agree
 
 The maths is in ``troupe.learner`` (``grpo``, ``step``); the actors in ``troupe.cluster.runtime``.
+"""
+
 from __future__ import annotations
 
 import json

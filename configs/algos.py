@@ -101,7 +101,7 @@ class GSPOLoss(PolicyLossConfig):
     clip_high: float = Field(4e-4, ge=0.0, le=10.0, description="Sequence ratio clipped above at 1 + clip_high.")
 
 
-class _ConfigRegistry:
+class ConfigRegistry:
     """Name -> config class of one kind of variant (advantage estimators or policy losses)."""
 
     def __init__(self, kind: str, base: type[_Variant]) -> None:
@@ -149,9 +149,9 @@ class _ConfigRegistry:
             raise ValueError("; ".join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors())) from None
 
 
-ADVANTAGE_CONFIGS = _ConfigRegistry("advantage estimator", AdvantageConfig)
+ADVANTAGE_CONFIGS = ConfigRegistry("advantage estimator", AdvantageConfig)
 """Advantage estimator name -> config class (``troupe.learner.algorithms`` registers the maths)."""
-POLICY_LOSS_CONFIGS = _ConfigRegistry("policy loss", PolicyLossConfig)
+POLICY_LOSS_CONFIGS = ConfigRegistry("policy loss", PolicyLossConfig)
 """Policy loss name -> config class."""
 
 for _cls in (GRPOAdvantage, DrGRPOAdvantage, RLOOAdvantage, ReinforcePPBaselineAdvantage, ProcessAdvantage):

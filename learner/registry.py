@@ -34,7 +34,13 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
-from troupe.configs.algos import ADVANTAGE_CONFIGS, POLICY_LOSS_CONFIGS, AdvantageConfig, PolicyLossConfig
+from troupe.configs.algos import (
+    ADVANTAGE_CONFIGS,
+    POLICY_LOSS_CONFIGS,
+    AdvantageConfig,
+    ConfigRegistry,
+    PolicyLossConfig,
+)
 
 
 @dataclass
@@ -82,54 +88,63 @@ class LossInputs:
 AdvantageFn = Callable[[AdvantageInputs, AdvantageConfig], Tensor]
 PolicyLossFn = Callable[[LossInputs, PolicyLossConfig], "tuple[Tensor, dict[str, Tensor]]"]
 
-_ADVANTAGES: dict[str, AdvantageFn] = {}
-_LOSSES: dict[str, PolicyLossFn] = {}
+
+class _Registry:
+    """Name -> function of one kind of variant; registering also registers the config class."""
+
+    def __init__(self, configs: ConfigRegistry) -> None:
+        self.configs = configs
+        self._fns: dict[str, Callable] = {}
+
+    def register(self, name: str, config: type) -> Callable[[Callable], Callable]:
+        """Decorator: register the decorated function and ``config`` under ``name``.
+
+        Raises:
+            TypeError / ValueError: from ``troupe.configs.algos`` when the config class does not fit.
+        """
+        self.configs.register(name, config)
+
+        def deco(fn: Callable) -> Callable:
+            self._fns[name] = fn
+            return fn
+
+        return deco
+
+    def get(self, name: str) -> Callable:
+        """The function registered as ``name``; ValueError listing the registered ones if unknown."""
+        if name not in self._fns:
+            raise ValueError(f"unknown {self.configs.kind} {name!r}; registered: {', '.join(self.names())}")
+        return self._fns[name]
+
+    def names(self) -> list[str]:
+        """Names with a registered function, sorted."""
+        return sorted(self._fns)
+
+
+_ADVANTAGES = _Registry(ADVANTAGE_CONFIGS)
+_LOSSES = _Registry(POLICY_LOSS_CONFIGS)
 
 
 def register_advantage(name: str, config: type[AdvantageConfig]) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Decorator: register an advantage estimator and its config class under ``name``.
-
-    Raises:
-        TypeError / ValueError: from ``troupe.configs.algos`` when the config class does not fit.
-    """
-    ADVANTAGE_CONFIGS.register(name, config)
-
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        _ADVANTAGES[name] = fn
-        return fn
-
-    return deco
+    """Decorator: register an advantage estimator ``fn(AdvantageInputs, cfg) -> [B, T]`` and its config class."""
+    return _ADVANTAGES.register(name, config)
 
 
 def register_policy_loss(name: str, config: type[PolicyLossConfig]) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator: register a policy loss and its config class under ``name``.
-
-    Raises:
-        TypeError / ValueError: from ``troupe.configs.algos`` when the config class does not fit.
-    """
-    POLICY_LOSS_CONFIGS.register(name, config)
-
-    def deco(fn: PolicyLossFn) -> PolicyLossFn:
-        _LOSSES[name] = fn
-        return fn
-
-    return deco
+    """Decorator: register a policy loss ``fn(LossInputs, cfg) -> (loss [B, T], metrics)`` and its config class."""
+    return _LOSSES.register(name, config)
 
 
 def advantage_fn(name: str) -> AdvantageFn:
     """The registered estimator ``name``; ValueError listing the registered ones if unknown."""
-    if name not in _ADVANTAGES:
-        raise ValueError(f"unknown advantage estimator {name!r}; registered: {', '.join(sorted(_ADVANTAGES))}")
-    return _ADVANTAGES[name]
+    return _ADVANTAGES.get(name)
 
 
 def policy_loss_fn(name: str) -> PolicyLossFn:
     """The registered policy loss ``name``; ValueError listing the registered ones if unknown."""
-    if name not in _LOSSES:
-        raise ValueError(f"unknown policy loss {name!r}; registered: {', '.join(sorted(_LOSSES))}")
-    return _LOSSES[name]
+    return _LOSSES.get(name)
 
 
 def registered() -> dict[str, list[str]]:
     """{"advantage": [names], "policy_loss": [names]} with a function registered."""
-    return {"advantage": sorted(_ADVANTAGES), "policy_loss": sorted(_LOSSES)}
+    return {"advantage": _ADVANTAGES.names(), "policy_loss": _LOSSES.names()}

@@ -88,14 +88,16 @@ def crash_once(prompts, completions, marker, **kwargs):
     """Kills the worker process (os._exit) the first time it runs, then scores 1.0.
 
     ``marker`` is a column holding a file path: the file is created just before the first
-    crash, and its existence means "already crashed".
+    crash, and its existence means "already crashed". It is created atomically (``O_EXCL``), so
+    when several workers get here at once only one of them crashes.
     """
-    path = marker[0]
-    if not os.path.exists(path):
-        with open(path, "w") as f:
-            f.write(str(os.getpid()))
-        os._exit(1)
-    return [1.0 for _ in completions]
+    try:
+        fd = os.open(marker[0], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return [1.0 for _ in completions]
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    os._exit(1)
 
 
 def slow(prompts, completions, **kwargs):

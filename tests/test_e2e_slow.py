@@ -14,7 +14,7 @@ import pytest
 
 from troupe.cluster.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # every test here starts a local Ray cluster
 
 REPO = Path(__file__).resolve().parents[1]
 # a graded reward next to accuracy and format so that groups have variance even before the

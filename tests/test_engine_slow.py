@@ -25,21 +25,15 @@ def model_dir(tmp_path_factory):
     return build_tiny_model(str(tmp_path_factory.mktemp("m") / "model"), corpus)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
+@pytest.mark.ray
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_reload_then_logprobs_match_reference(ray_local, model_dir, tmp_path, dtype):
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from troupe.demo import arith
+    from troupe.configs.schema import RolloutConfig
+    from troupe.core.types import Sampling
     from troupe.rollout.engine import RolloutEngine
     from troupe.rollout.prompts import build_prompts
 
@@ -48,7 +42,7 @@ def test_reload_then_logprobs_match_reference(ray_local, model_dir, tmp_path, dt
     prompts, _ = build_prompts(arith.arith_rows(4, 0, 99, "eval"), tok, template="raw", prompt_format=arith.PROMPT_FORMAT,
                                system_prompt=None, max_prompt_tokens=64)
     engine = ray.remote(RolloutEngine).options(num_cpus=1, runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}).remote(
-        model_dir, max_model_len=256, dtype=dtype)
+        model_dir, RolloutConfig(max_model_len=256), dtype=dtype)
     ray.get(engine.ready.remote())
     # new weights: every tensor perturbed, the embedding (tied to the LM head) included
     g = torch.Generator().manual_seed(1)
@@ -63,7 +57,7 @@ def test_reload_then_logprobs_match_reference(ray_local, model_dir, tmp_path, dt
     ref_model.load_state_dict(new)
     worst = 0.0
     for p in prompts:
-        groups = ray.get(engine.generate.remote([p], n=1, max_new_tokens=24, temperature=1.0))
+        groups = ray.get(engine.generate.remote([p], Sampling(n=1, max_new_tokens=24, temperature=1.0)))
         assert groups[0].samples[0].policy_version == 7
         ids = p.token_ids + groups[0].samples[0].response_ids
         P = len(p.token_ids)

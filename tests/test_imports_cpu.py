@@ -39,3 +39,46 @@ def test_core_modules_do_not_import_ray_vllm_deepspeed():
 
 def test_config_schema_does_not_import_torch():
     assert _loaded_after_import(["troupe.configs.schema"], HEAVY + ("torch",)) == []
+
+
+def test_learner_and_reward_modules_do_not_import_ray():
+    # the learner is Ray-free (the cluster layer drives it); the reward scoring runs in-process too
+    mods = ["troupe.learner.step", "troupe.learner.registry", "troupe.learner.batch", "troupe.learner.zero",
+            "troupe.learner.sft", "troupe.learner.tiny_model", "troupe.reward.scoring", "troupe.reward.registry"]
+    assert _loaded_after_import(mods, ("ray", "vllm")) == []
+
+
+# which troupe packages each layer may import (docs/architecture.md, "Layers")
+ALLOWED = {
+    "core": set(),
+    "configs": set(),
+    "rollout": {"core", "configs"},
+    "reward": {"core", "configs"},
+    "learner": {"core", "configs"},
+    "cluster": {"core", "configs", "rollout", "reward", "learner", "cluster"},
+    "demo": {"core", "configs", "reward"},
+}
+
+
+def _troupe_imports(path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+        found |= {n.split(".")[1] for n in names if n.startswith("troupe.") and len(n.split(".")) > 1}
+    return found
+
+
+def test_layering():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    bad = []
+    for layer, allowed in ALLOWED.items():
+        for path in sorted((repo / layer).glob("*.py")):
+            extra = _troupe_imports(path) - allowed - {layer}
+            if extra:
+                bad.append(f"{path.relative_to(repo)} imports troupe.{', troupe.'.join(sorted(extra))}")
+    assert not bad, "\n".join(bad)
