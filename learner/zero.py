@@ -116,7 +116,8 @@ class LearnerRank:
                                                weight_decay=0.0, betas=(0.9, 0.999), grad_clip=0.0, dtype=dtype).items()
                   if k not in ("optimizer", "gradient_clipping")}
         engine, *_ = deepspeed.initialize(model=ref, config=ds_cfg)
-        return engine.eval()
+        engine.eval()  # DeepSpeedEngine.eval() returns None, unlike Module.eval()
+        return engine
 
     def ready(self) -> dict:
         """Rank facts: rank, world size, parameter count, ZeRO stage, whether the reference is sharded."""

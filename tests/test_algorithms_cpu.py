@@ -85,6 +85,8 @@ def test_made_up_estimator_and_loss_run_through_config_and_learner_maths(tmp_pat
     # rewards [1, 0, .25, .75] vs threshold .5 -> signs [+1, -1, -1, +1] on each sample's tokens (2, 3, 2, 3)
     assert adv.tolist() == [[1, 1, 0], [-1, -1, -1], [-1, -1, 0], [1, 1, 1]]
     assert stats["zero_variance_frac"] == 0.0
+    # the learner reports the shaped reward under its own name; reward_mean stays the loop's raw reward
+    assert stats["reward_shaped_mean"] == pytest.approx(0.5) and "reward_mean" not in stats
 
     # the loss the ranks compute, on one micro-batch with rho = 1: l_t = -2 A_t, token mean over 10 tokens
     logp = torch.full(adv.shape, -1.0, requires_grad=True)
