@@ -8,10 +8,10 @@ and docs)::
       advantage: grpo                                  # a name alone takes the defaults
       policy_loss: {name: ppo_clip, clip_high: 0.28}   # or a mapping with the name and settings
 
-The maths for each name is registered next to it in ``troupe.learner.algorithms`` (one
+The maths for each name is registered next to it in ``troupe.learner.registry`` (one
 function per variant, veRL core_algos style). This module imports pydantic only, so a config can
 be validated without torch; a new variant registers its config class here through
-``troupe.learner.algorithms.advantage_estimator`` / ``policy_loss`` (one function plus one
+``troupe.learner.registry.register_advantage`` / ``register_policy_loss`` (one function plus one
 config class, nothing else; see docs/architecture.md).
 """
 
@@ -150,7 +150,7 @@ class ConfigRegistry:
 
 
 ADVANTAGE_CONFIGS = ConfigRegistry("advantage estimator", AdvantageConfig)
-"""Advantage estimator name -> config class (``troupe.learner.algorithms`` registers the maths)."""
+"""Advantage estimator name -> config class (``troupe.learner.registry`` registers the maths)."""
 POLICY_LOSS_CONFIGS = ConfigRegistry("policy loss", PolicyLossConfig)
 """Policy loss name -> config class."""
 
