@@ -52,15 +52,19 @@ def collect_groups(actors: Actors, stream: Iterator[Prompt], cfg: RunConfig) -> 
     if not cfg.algo.dynamic_sampling:
         return groups, info
     steps = cfg.algo.advantage.uses_step_rewards
-    kept = [g for g in groups if informative(group_signal(g, steps))]
-    dropped, rounds = [g for g in groups if g not in kept], 0
+
+    def split(gs: list[Group]) -> tuple[list[Group], list[Group]]:
+        flags = [informative(group_signal(g, steps)) for g in gs]
+        return [g for g, f in zip(gs, flags) if f], [g for g, f in zip(gs, flags) if not f]
+
+    (kept, dropped), rounds = split(groups), 0
     while len(kept) < need and rounds < cfg.algo.max_refill_rounds:
         rounds += 1
         more, t = actors.engines.generate([next(stream) for _ in range(need - len(kept))], sp, actors.rewards)
         info["time/generate"] += t["generate"]
         info["time/reward"] += t["reward"]
-        kept += [g for g in more if informative(group_signal(g, steps))]
-        dropped += [g for g in more if not informative(group_signal(g, steps))]
+        good, bad = split(more)
+        kept, dropped = kept + good, dropped + bad
     info.update({"dynamic/refill_rounds": rounds, "dynamic/informative_groups": min(len(kept), need)})
     return (kept + dropped)[:need], info  # short of informative groups: pad with zero-advantage ones
 

@@ -14,16 +14,16 @@ import math
 import pytest
 import torch
 
-from troupe.configs.schema import ConfigError, RewardConfig, RewardFunctionConfig, load_config
-from troupe.demo import arith
-from troupe.demo.arith import arith_steps
 from troupe.configs.algos import GRPOAdvantage, ProcessAdvantage
-from troupe.learner import grpo
-from troupe.learner.step import group_signal, sequence_shaping, step_advantages
-from troupe.learner.batch import collate_groups
-from troupe.reward.scoring import RewardSet, score_batch
+from troupe.configs.schema import ConfigError, RewardConfig, RewardFunctionConfig, load_config
 from troupe.core.steps import decoded_prefix_lengths, split_steps, step_token_ends
 from troupe.core.types import Group, Prompt, Sample
+from troupe.demo import arith
+from troupe.demo.arith import arith_steps
+from troupe.learner import grpo
+from troupe.learner.batch import collate_groups
+from troupe.learner.step import group_signal, sequence_shaping, step_advantages
+from troupe.reward.scoring import RewardSet, score_batch
 
 NAN = math.nan
 ARITH_STEPS = "troupe.demo.arith:arith_steps"  # the demo's process reward, by its config spec
