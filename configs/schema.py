@@ -240,6 +240,31 @@ class SyncConfig(_Strict):
     )
 
 
+class CheckpointConfig(_Strict):
+    """Resumable checkpoints (``troupe train CONFIG --resume``): learner state, prompt stream, RNGs, metrics."""
+
+    every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: off; the run still "
+                       "writes the final HF weights). Ctrl-C/SIGTERM also writes one when this is on.")
+    keep_last: int = Field(2, ge=1, le=10**6, description="Keep only the newest K complete checkpoints.")
+    dir: Optional[str] = Field(None, description="Where checkpoints go (default <run dir>/checkpoints). Every "
+                               "learner rank writes its own shard here: on several nodes it must be shared storage.")
+
+
+class ClusterConfig(_Strict):
+    """Ray cluster connection and fault handling."""
+
+    address: Optional[str] = Field(None, description="Ray cluster to join (e.g. 'auto' or 'ray://host:10001'); "
+                                   "None: RAY_ADDRESS if set (as inside `ray job submit`), else a fresh local cluster.")
+    rpc_timeout_s: float = Field(3600.0, gt=0.0, le=7 * 86400.0, description="Longest wait for any one remote call "
+                                 "(generation chunk, learner step, weight sync, checkpoint); the error names what was "
+                                 "waited for.")
+    max_engine_failures: int = Field(3, ge=0, le=1000, description="Engine deaths in a row (no chunk completed "
+                                     "between them) after which the run stops; each death before that replaces the "
+                                     "engine and resamples its unfinished prompts.")
+    max_nonfinite_steps: int = Field(3, ge=1, le=1000, description="Steps in a row whose loss or gradient norm is "
+                                     "not finite (their update is skipped) after which the run stops.")
+
+
 class SFTConfig(_Strict):
     """Cold-start supervised fine-tuning before RL (DeepSeek-R1)."""
 
@@ -271,6 +296,8 @@ class RunConfig(_Strict):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _cross_field(self) -> "RunConfig":
@@ -399,6 +426,8 @@ def dump_config(cfg: RunConfig) -> str:
 
 __all__ = [
     "AlgoConfig",
+    "CheckpointConfig",
+    "ClusterConfig",
     "ConfigError",
     "DataConfig",
     "LearnerConfig",
