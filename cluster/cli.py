@@ -1,11 +1,13 @@
 """The ``troupe`` command line.
 
-    troupe train CONFIG.yaml [key.sub=value ...] [--address RAY_ADDRESS] [--dashboard]
+    troupe train CONFIG.yaml [key.sub=value ...] [--address RAY_ADDRESS] [--dashboard] [--resume [CHECKPOINT]]
     troupe check CONFIG.yaml [key.sub=value ...]      validate config and data, start nothing
     troupe score INPUT.jsonl ...                       score completions offline (see --help)
 
-Exit status: 0 on success, 2 on a bad config, override or data row (message names the key,
-file and line), 1 on a failure during the run.
+Exit status: 0 on success, 2 on a bad config, override, data row or checkpoint (message names
+the key, file and line), 1 on a failure during the run (message names what failed and the
+checkpoint to resume from), 130/143 when stopped by SIGINT/SIGTERM (after a checkpoint when
+checkpoints are on).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +34,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         if name == "train":
             sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or an embedded local cluster)")
             sp.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the embedded local cluster")
+            sp.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                            help="continue the run output_dir/name from its latest complete checkpoint, or from "
+                            "the given checkpoint folder (.../resume/step_N)")
     sub.add_parser("score", help="score a JSONL of completions with reward functions", add_help=False)
     return p.parse_args(argv)
 
@@ -39,6 +45,9 @@ def _load(args) -> tuple[RunConfig, list[dict], list[dict]]:
     from troupe.cluster.prepare import load_task
 
     cfg = load_config(args.config, args.overrides)
+    from troupe.cluster.jobs import check_output_dir
+
+    check_output_dir(cfg.output_dir, cfg.checkpoint.dir)  # in a `ray job submit` driver: not in the temporary copy
     train_rows, eval_rows = load_task(cfg)
     return cfg, train_rows, eval_rows
 
@@ -61,7 +70,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "check":
         print(f"{args.config}: ok ({len(train_rows)} training rows, {len(eval_rows)} held-out rows)")
         return 0
-    return run_train(cfg, train_rows, eval_rows, args.address, args.dashboard)
+    try:
+        resume = _resume_point(cfg, args.resume) if args.resume else None
+    except ConfigError as e:
+        print(f"troupe: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run_train(cfg, train_rows, eval_rows, args.address, args.dashboard, resume=resume, config_path=args.config)
+    except KeyboardInterrupt:  # before the training loop (e.g. during SFT): everything was stopped on the way out
+        print("troupe: stopped", file=sys.stderr)
+        return 130
+
+
+def _resume_point(cfg: RunConfig, arg: str) -> tuple[Path, Path, dict]:
+    """(checkpoint folder, run directory, its driver state) for ``--resume [arg]``; ConfigError if unusable."""
+    from troupe.cluster import checkpoint
+
+    if arg == "latest":
+        run_dir = Path(cfg.output_dir) / cfg.name
+        root = checkpoint.checkpoint_root(cfg, run_dir)
+        path = checkpoint.latest(root)
+        if path is None:
+            raise ConfigError(f"--resume: no complete checkpoint under {root} (checkpoints are written when "
+                              "checkpoint.every > 0)")
+    else:
+        path = Path(arg).resolve()
+    state = checkpoint.load_state(path)
+    checkpoint.check_compatible(path, cfg)
+    return path, Path(state["run_dir"]), state
 
 
 def _run_logger(run_dir: Path) -> logging.Logger:
@@ -79,27 +115,62 @@ def _run_logger(run_dir: Path) -> logging.Logger:
     return logger
 
 
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], address: str | None,
-              dashboard: bool = False) -> int:
-    """Build/SFT the model, start the actors, train, evaluate, save. Returns the exit status."""
+              dashboard: bool = False, *, resume: tuple[Path, Path, dict] | None = None,
+              config_path: str = "CONFIG") -> int:
+    """Start Ray, build/SFT the model (or take it from the checkpoint), start the actors, train, save.
+
+    Returns the exit status. Whatever happens, the actors, the placement group and an embedded
+    Ray cluster are stopped before it returns (SIGTERM is turned into the same clean stop as Ctrl-C).
+    """
+    import signal
+
     from troupe.cluster.metrics import make_run_dir
 
     t0 = time.time()
-    run_dir = make_run_dir(cfg.output_dir, cfg.name)
+    if resume is not None:
+        run_dir = resume[1]
+        os.makedirs(run_dir, exist_ok=True)
+    else:
+        run_dir = make_run_dir(cfg.output_dir, cfg.name)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     say = _run_logger(run_dir).info
     say(f"run directory {run_dir}")
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
 
     import ray
+
+    from troupe.cluster.runtime import init_ray
+
+    init_ray(cfg, address, dashboard)  # first: a cluster problem fails before minutes of SFT
+    try:
+        return _train_on_ray(cfg, train_rows, eval_rows, run_dir, resume, config_path, say, t0)
+    finally:
+        ray.shutdown()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _train_on_ray(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], run_dir: Path,
+                  resume: tuple[Path, Path, dict] | None, config_path: str, say, t0: float) -> int:
     from transformers import AutoTokenizer
 
+    from troupe.cluster import checkpoint
     from troupe.cluster.prepare import prepare_model
-    from troupe.cluster.runtime import init_ray, start_actors
-    from troupe.cluster.train import train
+    from troupe.cluster.runtime import start_actors
+    from troupe.cluster.train import RunStopped, train
     from troupe.rollout.prompts import build_prompts, prompt_stream
 
-    timings = {}
-    model_path, info = prepare_model(cfg, run_dir, train_rows, say)
+    timings, info = {}, {}
+    if resume is not None:
+        model_path = resume[2]["model_path"]
+        say(f"resuming from {resume[0]}; policy initialised from {model_path}")
+    else:
+        model_path, info = prepare_model(cfg, run_dir, train_rows, say)
     timings["prepare_seconds"] = time.time() - t0
     tok = AutoTokenizer.from_pretrained(model_path)
     tok.save_pretrained(run_dir / "tokenizer")
@@ -111,17 +182,30 @@ def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], add
         say(f"no training prompt fits data.max_prompt_tokens = {d.max_prompt_tokens}")
         return 2
     say(f"{len(prompts)} training prompts ({dropped} dropped as longer than {d.max_prompt_tokens} tokens), {len(eval_prompts)} held-out")
-    init_ray(cfg, address, dashboard)
     t1 = time.time()
     actors = start_actors(cfg, model_path)
     timings["actor_start_seconds"] = time.time() - t1
     say(f"{cfg.rollout.num_engines} engine(s), {cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage}), "
         f"{cfg.reward.num_workers} reward worker(s) ready in {timings['actor_start_seconds']:.0f} s")
     try:
-        summary = train(cfg, run_dir, actors, eval_prompts, tok.pad_token_id or 0, prompt_stream(prompts, cfg.seed), say)
+        summary = train(cfg, run_dir, actors, eval_prompts, tok.pad_token_id or 0, prompt_stream(prompts, cfg.seed), say,
+                        model_path=model_path, resume=resume[0] if resume else None)
+    except RunStopped as e:
+        say(f"{e}" + (f"; resume with: troupe train {config_path} --resume" if e.checkpoint else ""))
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        say("stopped at once by a second signal (no checkpoint written for the current step)")
+        return 130
+    except Exception as e:  # a dead rank, a hang, too many engine failures or non-finite steps: name it, point at the checkpoint
+        last = checkpoint.latest(checkpoint.checkpoint_root(cfg, run_dir))
+        # the fault paths raise RuntimeError / TimeoutError subclasses with a full message; anything else
+        # is unexpected and keeps its traceback
+        logging.getLogger("troupe").error(f"run failed: {e}", exc_info=not isinstance(e, (RuntimeError, TimeoutError)))
+        say(f"last complete checkpoint: {last}; resume with: troupe train {config_path} --resume" if last
+            else "no checkpoint to resume from (set checkpoint.every to write them)")
+        return 1
     finally:
         actors.shutdown()
-        ray.shutdown()
     summary.update(info, **timings, wall_seconds=time.time() - t0, run_dir=str(run_dir))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     acc0, acc1 = summary["eval_start"].get("eval/accuracy"), summary["eval_final"].get("eval/accuracy")

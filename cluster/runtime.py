@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
@@ -24,16 +25,29 @@ from troupe.rollout.engines import EngineGroup
 
 
 def init_ray(cfg: RunConfig, address: str | None, dashboard: bool = False) -> None:
-    """Connect to ``address`` / RAY_ADDRESS, or start an embedded local cluster sized for the run.
+    """Join a Ray cluster, or start an embedded local cluster sized for the run.
 
+    The cluster is the first of: ``address`` (``troupe train --address``), ``cfg.cluster.address``,
+    RAY_ADDRESS (set by Ray inside a ``ray job submit`` driver); with none of them (or "local") a
+    fresh local cluster, whatever address file an earlier ``ray start`` left behind.
     ``dashboard`` starts the Ray dashboard (http://127.0.0.1:8265) with the local cluster.
+    Raises ``ConnectionError`` if the cluster cannot be joined (with a hint about token auth).
     """
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    if address and address != "local":
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        except ConnectionError as e:
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+                raise
+            # Ray 2.60 turns token auth on at `ray start` when a token exists (~/.ray/auth_token, which any
+            # local ray.init creates); a client without RAY_AUTH_MODE=token then fails with this bare message
+            raise ConnectionError(f"{e}. If the cluster uses token authentication, set RAY_AUTH_MODE=token and make "
+                                  "its token available here (~/.ray/auth_token, RAY_AUTH_TOKEN or "
+                                  "RAY_AUTH_TOKEN_PATH)") from e
         return
     need = cfg.rollout.num_engines * cfg.rollout.num_cpus_per_engine + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank \
         + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker
@@ -101,29 +115,49 @@ def _actor_env(cfg: RunConfig) -> dict:
     return {"env_vars": env}
 
 
-def start_actors(cfg: RunConfig, model_path: str) -> Actors:
+def _actor_options(cfg: RunConfig, pg, bundles: list[dict], i: int) -> dict:
+    """Ray actor options of the actor in bundle ``i`` of ``pg``: its resources, env and placement."""
+    return dict(num_cpus=bundles[i].get("CPU", 0), num_gpus=bundles[i].get("GPU", 0), runtime_env=_actor_env(cfg),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i))
+
+
+def engine_factory(cfg: RunConfig, model_path: str, pg, bundles: list[dict]) -> Callable[[int], Any]:
+    """``start(i) -> handle``: starts engine ``i`` in placement-group bundle ``i`` (``_bundles`` order).
+
+    The same function starts the first engines and their replacements: same options, same seed,
+    same bundle (a dead engine's bundle resources are free again once it is gone). It returns at
+    once; the caller waits for ``ready()``.
+    """
+    Engine = ray.remote(RolloutEngine)
+
+    def start(i: int) -> Any:
+        return Engine.options(**_actor_options(cfg, pg, bundles, i)).remote(
+            model_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.seed + 1000 * i, device=cfg.device)
+
+    return start
+
+
+def start_actors(cfg: RunConfig, model_path: str, log: Callable[[str], None] = print) -> Actors:
     """Reserve a placement group and start engines, learner ranks and reward workers concurrently.
 
-    Blocks until all are ready. Raises ``TimeoutError`` if the placement group cannot be
-    reserved in 120 s (the message lists what was asked for).
+    The engine group gets ``engine_factory`` to replace dead engines, ``cluster.rpc_timeout_s`` and
+    ``cluster.max_engine_failures``; the learner group gets ``cluster.rpc_timeout_s``. ``log`` gets
+    the engine group's restart lines. Blocks until all are ready. Raises ``TimeoutError`` if the
+    placement group cannot be reserved in 120 s (the message lists what was asked for), and the
+    groups' ``ActorFailed`` / ``RemoteTimeout`` if an actor fails or hangs while starting.
     """
     bundles = _bundles(cfg)
     pg = placement_group(bundles, strategy="PACK")
     if not pg.wait(timeout_seconds=120):
         raise TimeoutError(f"placement group {bundles} could not be reserved; cluster has {ray.cluster_resources()}")
 
-    def opts(i: int) -> dict:
-        return dict(num_cpus=bundles[i].get("CPU", 0), num_gpus=bundles[i].get("GPU", 0), runtime_env=_actor_env(cfg),
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i))
-
-    E, n = cfg.rollout.num_engines, cfg.learner.num_ranks
-    Engine, Learner = ray.remote(RolloutEngine), ray.remote(LearnerRank)
-    engines = EngineGroup([Engine.options(**opts(i)).remote(model_path, cfg.rollout, dtype=cfg.model.dtype,
-                                                            seed=cfg.seed + 1000 * i, device=cfg.device)
-                           for i in range(E)])
+    E, n, cl = cfg.rollout.num_engines, cfg.learner.num_ranks, cfg.cluster
+    start_engine, Learner = engine_factory(cfg, model_path, pg, bundles), ray.remote(LearnerRank)
+    engines = EngineGroup([start_engine(i) for i in range(E)], factory=start_engine, rpc_timeout_s=cl.rpc_timeout_s,
+                          max_failures=cl.max_engine_failures, log=log)
     master_addr, master_port = _bundle_ip(pg, E), _free_port()
-    learners = LearnerGroup([Learner.options(**opts(E + r)).remote(r, n, master_addr, master_port, model_path, cfg)
-                             for r in range(n)])
+    learners = LearnerGroup([Learner.options(**_actor_options(cfg, pg, bundles, E + r)).remote(
+        r, n, master_addr, master_port, model_path, cfg) for r in range(n)], rpc_timeout_s=cl.rpc_timeout_s)
     rewards = RewardPool(cfg.reward)
     engines.ready()
     learners.ready()

@@ -6,6 +6,14 @@
         [dynamic sampling: drop groups that are not informative, refill from more prompts]
         learner ranks: old/ref log-probs, reward shaping, advantages, clipped update (+ KL)
         every sync.every steps: weights -> engines as version v+1; check engine/learner logprobs agree
+        every checkpoint.every steps: a resumable checkpoint (troupe.cluster.checkpoint)
+
+Sampling seeds come from (run seed, step, prompt stream position) only, and the checkpoint holds
+the learner state, the stream position and the metrics, so a resumed run repeats the
+uninterrupted run's steps exactly (float32, CPU). Faults: engine deaths are survived by the engine
+group (counted per step as ``faults/engine_restarts``); a step with a non-finite loss or gradient
+norm changes no weight (``faults/nonfinite_steps``) and ``cluster.max_nonfinite_steps`` of them in
+a row stop the run; SIGINT/SIGTERM finish the current step, checkpoint and stop (``RunStopped``).
 
 The maths is in ``troupe.learner`` (``grpo``, ``step``); the actors in ``troupe.cluster.runtime``.
 """
@@ -14,12 +22,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import signal
+import threading
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Optional
 
 from tqdm import tqdm
 
+from troupe.cluster import checkpoint
 from troupe.cluster.metrics import MetricsWriter, rollout_metrics
 from troupe.cluster.runtime import Actors
 from troupe.cluster.weight_sync import WeightSync
@@ -28,6 +41,7 @@ from troupe.core.types import Group, Prompt, Sampling
 from troupe.learner import grpo
 from troupe.learner.batch import collate_groups
 from troupe.learner.step import group_signal, informative
+from troupe.rollout.prompts import PromptStream, sampling_seeds
 
 log = logging.getLogger("troupe")
 
@@ -44,11 +58,16 @@ def sampling(cfg: RunConfig) -> Sampling:
                     step_delimiter=delimiter)
 
 
-def collect_groups(actors: Actors, stream: Iterator[Prompt], cfg: RunConfig) -> tuple[list[Group], dict]:
+def _generate(actors: Actors, stream: PromptStream, n: int, cfg: RunConfig, step: int) -> tuple[list[Group], dict]:
+    prompts, positions = stream.take(n)
+    return actors.engines.generate(prompts, sampling(cfg), actors.rewards, seeds=sampling_seeds(cfg.seed, step, positions))
+
+
+def collect_groups(actors: Actors, stream: PromptStream, cfg: RunConfig, step: int) -> tuple[list[Group], dict]:
     """One step's scored groups; with dynamic sampling (DAPO) groups that are not informative are replaced."""
-    need, sp = cfg.rollout.prompts_per_step, sampling(cfg)
-    groups, t = actors.engines.generate([next(stream) for _ in range(need)], sp, actors.rewards)
-    info = {"time/generate": t["generate"], "time/reward": t["reward"]}
+    need = cfg.rollout.prompts_per_step
+    groups, t = _generate(actors, stream, need, cfg, step)
+    info = {"time/generate": t["generate"], "time/reward": t["reward"], "faults/engine_restarts": t.get("engine_restarts", 0)}
     if not cfg.algo.dynamic_sampling:
         return groups, info
     steps = cfg.algo.advantage.uses_step_rewards
@@ -60,9 +79,10 @@ def collect_groups(actors: Actors, stream: Iterator[Prompt], cfg: RunConfig) -> 
     (kept, dropped), rounds = split(groups), 0
     while len(kept) < need and rounds < cfg.algo.max_refill_rounds:
         rounds += 1
-        more, t = actors.engines.generate([next(stream) for _ in range(need - len(kept))], sp, actors.rewards)
-        info["time/generate"] += t["generate"]
-        info["time/reward"] += t["reward"]
+        more, t = _generate(actors, stream, need - len(kept), cfg, step)
+        for key in ("generate", "reward"):
+            info[f"time/{key}"] += t[key]
+        info["faults/engine_restarts"] += t.get("engine_restarts", 0)
         good, bad = split(more)
         kept, dropped = kept + good, dropped + bad
     info.update({"dynamic/refill_rounds": rounds, "dynamic/informative_groups": min(len(kept), need)})
@@ -102,39 +122,159 @@ def sync_weights(actors: Actors, sync: WeightSync, version: int, probe: Group, c
     return out
 
 
+@dataclass
+class RunState:
+    """What the driver carries from step to step; saved in every checkpoint (with the prompt stream)."""
+
+    step: int = 0
+    policy_version: int = 0
+    nonfinite_in_a_row: int = 0
+    engine_restarts: int = 0
+    model_path: str = ""
+    run_dir: str = ""
+    eval_start: dict = field(default_factory=dict)
+
+
+class RunStopped(Exception):
+    """SIGINT/SIGTERM stopped the run after a complete step. ``signum``; ``checkpoint`` (or None)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path]) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; "
+                         + (f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (checkpoint.every is 0)"))
+
+
+class StopSignals:
+    """While active, SIGINT/SIGTERM ask the loop to stop after the current step; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._old: dict = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def save_checkpoint(cfg: RunConfig, run_dir: Path, actors: Actors, stream: PromptStream, state: RunState,
+                    say: Callable[[str], None]) -> Path:
+    """A resumable checkpoint of the run as it is after ``state.step`` (troupe.cluster.checkpoint)."""
+    t0 = time.time()
+    path = checkpoint.save(checkpoint.checkpoint_root(cfg, run_dir), state.step, actors.learners,
+                           {**asdict(state), "stream": stream.state_dict()}, cfg, run_dir / "metrics.jsonl",
+                           cfg.checkpoint.keep_last)
+    say(f"checkpoint {path} ({time.time() - t0:.1f} s)")
+    return path
+
+
+def resume_from(path: Path, actors: Actors, sync: WeightSync, stream: PromptStream, eval_prompts: list[Prompt],
+                say: Callable[[str], None]) -> RunState:
+    """Restore learner ranks and prompt stream from checkpoint ``path``; the engines get its weights."""
+    saved = checkpoint.load_state(path)
+    actors.learners.load_checkpoint(str(path / "learner"))
+    stream.load_state_dict(saved.pop("stream"))
+    state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
+    sync.sync(state.policy_version)
+    diff = check_sync(actors, eval_prompts[0].token_ids, 1) if eval_prompts else float("nan")
+    say(f"resumed from {path}: step {state.step}, policy v{state.policy_version} in every engine "
+        f"(engine/learner log-prob diff {diff:.2g} nats)")
+    return state
+
+
+def run_step(step: int, cfg: RunConfig, actors: Actors, sync: WeightSync, stream: PromptStream, state: RunState,
+             eval_prompts: list[Prompt], pad_id: int, run_dir: Path, say: Callable[[str], None]) -> dict:
+    """One GRPO step: rollout, learner update, weight sync, periodic eval / HF export. Returns its metrics."""
+    t_step = time.time()
+    groups, record = collect_groups(actors, stream, cfg, step)
+    record.update(rollout_metrics(groups))
+    batch = collate_groups(groups, pad_id, mask_truncated=cfg.algo.mask_truncated)
+    t_learn = time.time()
+    record.update(actors.learners.train_step(batch), **{"time/learn": time.time() - t_learn})
+    state.engine_restarts += record["faults/engine_restarts"]
+    state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if record.get("faults/nonfinite_steps") else 0
+    if state.nonfinite_in_a_row:
+        say(f"step {step}: loss or gradient norm not finite, update skipped ({state.nonfinite_in_a_row} in a row)")
+    if state.nonfinite_in_a_row >= cfg.cluster.max_nonfinite_steps:
+        raise RuntimeError(f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm "
+                           f"(cluster.max_nonfinite_steps = {cfg.cluster.max_nonfinite_steps}); their updates were "
+                           "skipped and the run stops")
+    if record.get("zero_variance_frac") == 1.0:
+        say(grpo.ZERO_VARIANCE_MESSAGE)
+    if step % cfg.sync.every == 0 or step == cfg.steps:
+        state.policy_version = step
+        record.update(sync_weights(actors, sync, step, groups[0], cfg, say))
+    if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+        record.update(evaluate(actors, eval_prompts, cfg))
+    if cfg.save_every and step % cfg.save_every == 0:
+        actors.learners.save_hf(str(run_dir / "checkpoints" / f"step_{step}"), str(run_dir / "tokenizer"))
+    state.step = step
+    record.update(step=step, policy_version=state.policy_version, **{"time/step": time.time() - t_step})
+    return record
+
+
 def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prompt], pad_id: int,
-          stream: Iterator[Prompt], say: Callable[[str], None] = print) -> dict:
-    """Run ``cfg.steps`` GRPO steps; returns the summary (eval before/after, last metrics)."""
+          stream: PromptStream, say: Callable[[str], None] = print, *, model_path: str = "",
+          resume: Optional[Path] = None) -> dict:
+    """Run GRPO steps up to ``cfg.steps`` (from checkpoint ``resume`` if given); returns the summary.
+
+    Raises ``RunStopped`` after SIGINT/SIGTERM (a checkpoint written when checkpoints are on);
+    ``troupe.core.rpc.ActorFailed`` / ``RemoteTimeout`` when a learner rank dies or a call hangs;
+    ``RuntimeError`` after too many engine failures or non-finite steps in a row.
+    """
     sync = WeightSync(actors.learners, actors.engines, cfg.sync.strategy, actors.single_node())
+    if resume is not None:  # the metrics as they were at the checkpoint; later records are dropped
+        shutil.copyfile(resume / "metrics.jsonl", run_dir / "metrics.jsonl")
     writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
-    first = evaluate(actors, eval_prompts, cfg, run_dir / "eval_start.jsonl")
-    writer.write({"step": 0, **first})
-    say(f"start: held-out greedy accuracy {first.get('eval/accuracy', float('nan')):.3f} on {len(eval_prompts)} prompts")
-    version, record = 0, {}
-    bar = tqdm(range(1, cfg.steps + 1), desc="grpo", dynamic_ncols=True)
-    for step in bar:
-        t_step = time.time()
-        groups, record = collect_groups(actors, stream, cfg)
-        record.update(rollout_metrics(groups))
-        batch = collate_groups(groups, pad_id, mask_truncated=cfg.algo.mask_truncated)
-        t_learn = time.time()
-        record.update(actors.learners.train_step(batch), **{"time/learn": time.time() - t_learn})
-        if record.get("zero_variance_frac") == 1.0:
-            say(grpo.ZERO_VARIANCE_MESSAGE)
-        if step % cfg.sync.every == 0 or step == cfg.steps:
-            version = step
-            record.update(sync_weights(actors, sync, version, groups[0], cfg, say))
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            record.update(evaluate(actors, eval_prompts, cfg))
-        if cfg.save_every and step % cfg.save_every == 0:
-            actors.learners.save_hf(str(run_dir / "checkpoints" / f"step_{step}"), str(run_dir / "tokenizer"))
-        record.update(step=step, policy_version=version, **{"time/step": time.time() - t_step})
-        writer.write(record)
-        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record.get('accuracy', float('nan')):.3f}",
-                        kl=f"{record.get('kl_ref', 0.0):.4f}", v=version)
-    final = evaluate(actors, eval_prompts, cfg, run_dir / "eval_final.jsonl")
-    writer.write({"step": cfg.steps, "final": True, **final})
-    ckpt = actors.learners.save_hf(str(run_dir / "checkpoints" / "final"), str(run_dir / "tokenizer"))
-    sync.close()
-    writer.close()
-    return {"eval_start": first, "eval_final": final, "last_step": record, "checkpoint": ckpt, "policy_version": version}
+    try:
+        if resume is not None:
+            state = resume_from(resume, actors, sync, stream, eval_prompts, say)
+        else:
+            state = RunState(model_path=model_path, run_dir=str(run_dir),
+                             eval_start=evaluate(actors, eval_prompts, cfg, run_dir / "eval_start.jsonl"))
+            writer.write({"step": 0, **state.eval_start})
+        say(f"start: held-out greedy accuracy {state.eval_start.get('eval/accuracy', float('nan')):.3f} "
+            f"on {len(eval_prompts)} prompts")
+        record: dict = {}
+        bar = tqdm(range(state.step + 1, cfg.steps + 1), desc="grpo", dynamic_ncols=True)
+        with StopSignals() as stop:
+            for step in bar:
+                record = run_step(step, cfg, actors, sync, stream, state, eval_prompts, pad_id, run_dir, say)
+                writer.write(record)
+                bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record.get('accuracy', float('nan')):.3f}",
+                                kl=f"{record.get('kl_ref', 0.0):.4f}", v=state.policy_version)
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                    save_checkpoint(cfg, run_dir, actors, stream, state, say)
+                if stop.signum is not None:
+                    raise RunStopped(stop.signum, step, _stop_checkpoint(cfg, run_dir, actors, sync, stream, state, say))
+        final = evaluate(actors, eval_prompts, cfg, run_dir / "eval_final.jsonl")
+        writer.write({"step": cfg.steps, "final": True, **final})
+        ckpt = actors.learners.save_hf(str(run_dir / "checkpoints" / "final"), str(run_dir / "tokenizer"))
+    finally:
+        sync.close()
+        writer.close()
+    return {"eval_start": state.eval_start, "eval_final": final, "last_step": record, "checkpoint": ckpt,
+            "policy_version": state.policy_version, "faults/engine_restarts": state.engine_restarts}
+
+
+def _stop_checkpoint(cfg: RunConfig, run_dir: Path, actors: Actors, sync: WeightSync, stream: PromptStream,
+                     state: RunState, say: Callable[[str], None]) -> Optional[Path]:
+    """The checkpoint a signal-stopped run leaves (None when checkpoints are off)."""
+    if not cfg.checkpoint.every:
+        return None
+    done = checkpoint.latest(checkpoint.checkpoint_root(cfg, run_dir))
+    if done is not None and done.name == f"step_{state.step}":
+        return done
+    if state.policy_version != state.step:  # a checkpoint needs engines holding the learner's weights
+        state.policy_version = state.step
+        sync.sync(state.step)
+    return save_checkpoint(cfg, run_dir, actors, stream, state, say)

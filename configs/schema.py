@@ -336,6 +336,9 @@ class RunConfig(_Strict):
                 f"reward.functions has a function of kind 'process' but algo.advantage is {self.algo.advantage.name!r}: "
                 "per-step rewards are only used by step-reward estimators (algo.advantage: process)"
             )
+        if self.checkpoint.every % self.sync.every:
+            raise ValueError(f"checkpoint.every = {self.checkpoint.every} must be a multiple of sync.every = "
+                             f"{self.sync.every}: a checkpoint is taken when the engines hold the learner's weights")
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
         return self

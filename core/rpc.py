@@ -13,8 +13,9 @@ waiting on them in order would hang until the collective's own timeout).
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 
 class RemoteTimeout(TimeoutError):
@@ -31,18 +32,29 @@ class ActorFailed(RuntimeError):
 
     def __init__(self, what: str, name: str, cause: BaseException) -> None:
         self.what, self.name, self.cause = what, name, cause
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        super().__init__(f"{name} failed during {what}: {type(cause).__name__}: {first}")
+        # an exception raised inside the actor arrives as RayTaskError(X) whose first line is Ray's
+        # header ("ray::Cls.method() (pid=..)"): show the exception itself (``cause.cause``)
+        inner = getattr(cause, "cause", None)
+        shown = inner if isinstance(inner, BaseException) and not isinstance(cause, _actor_gone()) else cause
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(shown)).strip()
+        first = text.splitlines()[0] if text else type(shown).__name__
+        super().__init__(f"{name} failed during {what}: {type(shown).__name__}: {first}")
 
     @property
     def died(self) -> bool:
         """True when the actor itself is gone (not a Python exception raised inside a live actor)."""
-        import ray.exceptions as rex
-
-        return isinstance(self.cause, (rex.RayActorError, rex.ActorUnavailableError))
+        return isinstance(self.cause, _actor_gone())
 
 
-def wait_all(refs: Sequence[Any], names: Sequence[str], what: str, timeout_s: float) -> list[Any]:
+def _actor_gone() -> tuple[type, ...]:
+    """Ray's error types that mean the actor itself is gone."""
+    import ray.exceptions as rex
+
+    return (rex.RayActorError, rex.ActorUnavailableError)
+
+
+def wait_all(refs: Sequence[Any], names: Sequence[str], what: str, timeout_s: float,
+             fetch: Optional[Sequence[bool]] = None) -> list[Any]:
     """Results of ``refs`` (in order) once all are done.
 
     Args:
@@ -50,6 +62,9 @@ def wait_all(refs: Sequence[Any], names: Sequence[str], what: str, timeout_s: fl
         names: the actor each ref belongs to ("engine 0", "learner rank 1"), same length.
         what: the call, for messages ("train_step", "weight sync v3").
         timeout_s: deadline for all of them together, seconds.
+        fetch: per ref, whether to fetch its value (default: all). A ref with ``False`` is only
+            waited for and returned as the ref itself (a large value that someone else consumes);
+            an error it holds is not seen here.
     Raises:
         ActorFailed: the first call found to have failed (actor death or an exception in the actor).
         RemoteTimeout: the deadline passed; lists the actors whose calls are unfinished.
@@ -63,9 +78,10 @@ def wait_all(refs: Sequence[Any], names: Sequence[str], what: str, timeout_s: fl
         left = deadline - time.monotonic()
         if left <= 0:
             raise RemoteTimeout(what, [names[index[r]] for r in pending], timeout_s)
-        done, pending = ray.wait(pending, num_returns=1, timeout=min(left, 60.0))
+        done, pending = ray.wait(pending, num_returns=1, timeout=min(left, 60.0), fetch_local=False)
         for ref in done:
-            out[index[ref]] = get_one(ref, names[index[ref]], what, 0)
+            i = index[ref]
+            out[i] = get_one(ref, names[i], what, 0) if fetch is None or fetch[i] else ref
     return out
 
 

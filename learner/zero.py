@@ -61,6 +61,10 @@ class LearnerRank:
       update over ``algo.ppo_epochs`` x ``algo.mini_batches``. Nothing is kept between calls.
     * ``sequence_logprobs(token_ids, start)``: the sync check's learner side.
     * ``full_state_dict()`` / ``save_weights(path)`` / ``save_hf(dir, tokenizer_dir)``: weight export.
+    * ``save_checkpoint(dir)`` / ``load_checkpoint(dir)``: the full training state, for resume.
+
+    NaN guard: an optimizer step whose loss or gradient norm is not finite changes nothing (no
+    weight, no optimizer moment); ``train_step`` counts it in ``faults/nonfinite_steps``.
 
     Args:
         rank, world_size: position in the torch.distributed group.
@@ -103,6 +107,8 @@ class LearnerRank:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
         self.ref = self._reference(model_path, cfg.model.dtype) if self.algo.kl_coef > 0 else None
         self.optimizer_steps = 0
+        self._grads_dropped = False  # the ZeRO-0 NaN guard skipped the current optimizer step
+        self._stage0_norm = float("nan")  # ZeRO-0: the last optimizer step's gradient norm
 
     def _reference(self, model_path: str, dtype: str):
         """The frozen reference policy: a ZeRO-3 inference engine (sharded) or a replicated module."""
@@ -181,7 +187,8 @@ class LearnerRank:
         Returns:
             Metrics (floats): the loss's (averaged over micro-batches; "loss" is the mini-batch
             loss), "grad_norm", "lr", "entropy", "logprob_mismatch" (mean |old - sampling| over this
-            rank's response tokens), the advantage statistics of ``troupe.learner.step.step_advantages``
+            rank's response tokens), "faults/nonfinite_steps" (optimizer steps skipped as not
+            finite; their "grad_norm" is inf or nan), the advantage statistics of ``troupe.learner.step.step_advantages``
             and "learn_seconds".
         """
         t0 = time.time()
@@ -207,24 +214,28 @@ class LearnerRank:
         self.engine.train()
         rows = shard.size // len(norms)
         sums: dict[str, float] = {}
-        count, grad_norm = 0, 0.0
+        count, grad_norm, skipped = 0, 0.0, 0
         for _epoch in range(self.algo.ppo_epochs):
             for m, norm in enumerate(norms):
                 self._set_lr()
+                self._grads_dropped = False
                 for i in range(m * rows, (m + 1) * rows, self.micro):
                     part = slice(i, min(i + self.micro, (m + 1) * rows))
                     met = self._micro_step(shard.select(part), old[part], None if ref is None else ref[part], adv[part], norm)
                     for k, v in met.items():
                         sums[k] = sums.get(k, 0.0) + v
                     count += 1
-                gn = self.engine.get_global_grad_norm()
+                gn = self._stage0_norm if self.lc.zero_stage == 0 else self.engine.get_global_grad_norm()
                 grad_norm = float(gn) if gn is not None else float("nan")
+                if self._grads_dropped or not self.engine.was_step_applied():
+                    skipped, grad_norm = skipped + 1, float("inf") if math.isfinite(grad_norm) else grad_norm
                 self.optimizer_steps += 1
         out = {k: v / max(count, 1) for k, v in sums.items()}
         # each micro-batch loss is its share of the mini-batch loss: report the mini-batch loss
         out["loss"] = sums.get("loss", 0.0) / max(self.algo.ppo_epochs * len(norms), 1)
         out["grad_norm"] = grad_norm
         out["lr"] = self.engine.optimizer.param_groups[0]["lr"]
+        out["faults/nonfinite_steps"] = float(skipped)
         return out
 
     def _set_lr(self) -> None:
@@ -247,13 +258,65 @@ class LearnerRank:
         a = self.algo
         loss, met = grpo.policy_loss(inp, a.policy_loss, norm, tis_cap=a.tis_cap,
                                      kl_coef=a.kl_coef if a.kl_in == "loss" else 0.0, kl_estimator=a.kl_estimator)
-        self.engine.backward(loss * self.gas * self.world)
-        self.engine.step()
+        scaled = loss * self.gas * self.world
+        if not torch.isfinite(loss.detach()):  # NaN guard: a non-finite loss poisons every gradient (NaN * g),
+            scaled = scaled * float("nan")     # so the whole optimizer step is skipped, on every rank
+        self.engine.backward(scaled)
+        if self.lc.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary() and \
+                not math.isfinite(self._stage0_grad_norm()):
+            self._grads_dropped = True
+            opt = self.engine.optimizer
+            opt.step = lambda *args, **kwargs: None  # this one optimizer step does nothing (instance attribute)
+            try:
+                self.engine.step()
+            finally:
+                del opt.step
+        else:
+            self.engine.step()
         mask = inp.response_mask
         out = {k: float(v) for k, v in met.items()}
         out["entropy"] = float((ent * mask).sum() / mask.sum().clamp(min=1))
         out["loss"] = float(loss.detach())
         return out
+
+    def _stage0_grad_norm(self) -> float:
+        """ZeRO-0's global gradient norm (DeepSpeed reports none without a ZeRO optimizer), and its NaN guard.
+
+        Called after the mini-batch's last backward, when the gradients are already averaged over
+        ranks (so every rank computes the same norm). A non-finite norm makes the caller run
+        DeepSpeed's step with the optimizer's ``step`` made a no-op: no parameter or AdamW moment
+        changes. ZeRO-1/2/3 skip such a step themselves (a non-finite global norm is an overflow;
+        bf16 with ``check_grad_overflow``, DeepSpeed's default), seen through ``engine.was_step_applied()``.
+        """
+        grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
+        self._stage0_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+            if grads else 0.0
+        return self._stage0_norm
+
+    def save_checkpoint(self, save_dir: str) -> str:
+        """DeepSpeed's full training state of this rank under ``save_dir/state`` (collective: every rank calls it).
+
+        Weights, optimizer moments (this rank's ZeRO partition), DeepSpeed's step counters, plus
+        troupe's own: the optimizer-step count (the warm-up position) and this rank's torch RNG
+        state. The reference model is not saved: it is the frozen initial policy, rebuilt from
+        ``model_path``. Returns ``save_dir``.
+        """
+        client = {"optimizer_steps": self.optimizer_steps, "torch_rng": torch.get_rng_state()}
+        self.engine.save_checkpoint(save_dir, tag="state", client_state=client, save_latest=False)
+        return save_dir
+
+    def load_checkpoint(self, save_dir: str) -> dict:
+        """Restore what ``save_checkpoint`` wrote (collective). Returns {"optimizer_steps"}.
+
+        Raises ``RuntimeError`` naming the folder when DeepSpeed finds no state there.
+        """
+        path, client = self.engine.load_checkpoint(save_dir, tag="state", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"learner rank {self.rank}: no DeepSpeed state under {save_dir}/state")
+        self.optimizer_steps = int(client["optimizer_steps"])
+        torch.set_rng_state(client["torch_rng"])
+        return {"optimizer_steps": self.optimizer_steps}
 
     def full_state_dict(self) -> Optional[dict]:
         """Full (un-sharded) policy weights, gathered under ZeRO-3; returned on rank 0, None elsewhere.

@@ -90,19 +90,38 @@ class RolloutEngine:
         """Engine facts once started: start time (s), policy version, eos id."""
         return {"start_seconds": self.start_seconds, "version": self.version, "eos_token_id": self.tokenizer.eos_token_id}
 
-    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[Group]:
+    def generate(self, prompts: list[Prompt], sampling: Sampling, seeds: list[int] | None = None) -> list[Group]:
         """Sample ``sampling.n`` responses per prompt (greedy when temperature == 0 and n == 1).
 
-        Returns one unscored ``Group`` per prompt, in prompt order; each sample carries
-        [R] token ids, [R] sampling logprobs (nats), the decoded text, whether it was
-        truncated at ``max_new_tokens``, and the engine's policy version. With
-        ``sampling.step_delimiter`` (process supervision) each sample also gets ``step_ends``: the
-        last response token of each step of ``troupe.core.steps.split_steps(text)``.
+        Args:
+            prompts: the prompts.
+            sampling: sampling settings; ``sampling.seed`` seeds the whole call when ``seeds`` is None
+                (None: the engine's own RNG stream).
+            seeds: one sampling seed per prompt, or None. Prompt i is then sampled with its own
+                ``SamplingParams(seed=seeds[i])`` (``sampling.seed`` is ignored), so its samples depend
+                only on the prompt, the seed and the weights, not on which engine or batch it lands in.
+                With ``n > 1``, vLLM v1 parallel sampling (``vllm/v1/engine/parallel_sampling.py``,
+                vLLM 0.32) splits the request into n children and child k gets seed ``seeds[i] + k``:
+                callers should space the seeds of different prompts at least ``n`` apart.
+        Returns:
+            One unscored ``Group`` per prompt, in prompt order; each sample carries [R] token ids,
+            [R] sampling logprobs (nats), the decoded text, whether it was truncated at
+            ``max_new_tokens``, and the engine's policy version. With ``sampling.step_delimiter``
+            (process supervision) each sample also gets ``step_ends``: the last response token of
+            each step of ``troupe.core.steps.split_steps(text)``.
+        Raises:
+            ValueError: ``seeds`` is given but its length differs from ``prompts``.
         """
         from vllm import SamplingParams
 
-        sp = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                            max_tokens=sampling.max_new_tokens, logprobs=0, seed=sampling.seed)
+        kw = dict(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                  max_tokens=sampling.max_new_tokens, logprobs=0)
+        if seeds is None:
+            sp = SamplingParams(**kw, seed=sampling.seed)
+        elif len(seeds) != len(prompts):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
+        else:
+            sp = [SamplingParams(**kw, seed=int(s)) for s in seeds]
         outs = self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], sp, use_tqdm=False)
         delim = sampling.step_delimiter
         groups = []

@@ -6,6 +6,7 @@ data-source plugin); other keys ride along as reward-function columns.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from typing import Iterator
 
@@ -53,11 +54,73 @@ def build_prompts(rows: list[dict], tokenizer, *, template: str, prompt_format: 
     return out, dropped
 
 
-def prompt_stream(prompts: list[Prompt], seed: int) -> Iterator[Prompt]:
+def prompt_stream(prompts: list[Prompt], seed: int) -> "PromptStream":
     """Endless shuffled stream of prompts (reshuffled every epoch, deterministic by seed)."""
-    rng = random.Random(seed)
-    order = list(range(len(prompts)))
-    while True:
-        rng.shuffle(order)
-        for i in order:
-            yield prompts[i]
+    return PromptStream(prompts, seed)
+
+
+class PromptStream:
+    """Endless shuffled stream of prompts with a resumable position.
+
+    Every epoch shuffles the previous epoch's order of prompt indices with one
+    ``random.Random(seed)``, so epoch e's order depends only on ``seed`` and e.
+    ``position`` counts prompts drawn so far; ``state_dict()`` / ``load_state_dict()`` save and
+    restore the generator, the current order and the position, so a resumed run draws exactly the
+    prompts the uninterrupted run would have drawn (no replayed or skipped data).
+    """
+
+    def __init__(self, prompts: list[Prompt], seed: int) -> None:
+        if not prompts:
+            raise ValueError("PromptStream: no prompts")
+        self.prompts = prompts
+        self._rng = random.Random(seed)
+        self._order: list[int] = []
+        self._next = 0  # index into _order
+        self.position = 0
+
+    def __iter__(self) -> Iterator[Prompt]:
+        return self
+
+    def __next__(self) -> Prompt:
+        if self._next >= len(self._order):
+            self._order = self._order or list(range(len(self.prompts)))
+            self._rng.shuffle(self._order)  # each epoch reshuffles the previous epoch's order
+            self._next = 0
+        prompt = self.prompts[self._order[self._next]]
+        self._next += 1
+        self.position += 1
+        return prompt
+
+    def take(self, n: int) -> tuple[list[Prompt], list[int]]:
+        """The next ``n`` prompts and their stream positions (0-based draw numbers)."""
+        start = self.position
+        return [next(self) for _ in range(n)], list(range(start, start + n))
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state: generator state, current epoch order, position in it, draws so far."""
+        version, internal, gauss = self._rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self._order), "next": self._next,
+                "position": self.position, "num_prompts": len(self.prompts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s state. Raises ``ValueError`` if the prompt set changed size."""
+        if state["num_prompts"] != len(self.prompts):
+            raise ValueError(f"prompt stream: the checkpoint was taken over {state['num_prompts']} prompts, "
+                             f"this run has {len(self.prompts)} (data or data.max_prompt_tokens changed)")
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._order, self._next, self.position = list(state["order"]), int(state["next"]), int(state["position"])
+
+
+def sampling_seeds(seed: int, step: int, positions: list[int]) -> list[int]:
+    """Per-prompt vLLM sampling seeds derived from (run seed, step, stream position) only.
+
+    Samples then depend on neither the engine nor its RNG history nor the chunk a prompt lands in,
+    so a resumed run (or a prompt resampled after an engine died) draws the same responses. Seeds
+    are 31-bit, leaving room for vLLM's ``seed + k`` for the k-th of a prompt's n samples.
+    """
+    out = []
+    for pos in positions:
+        digest = hashlib.blake2b(f"{seed}:{step}:{pos}".encode(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little") % (2**31 - 2**16))
+    return out

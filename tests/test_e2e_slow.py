@@ -130,7 +130,7 @@ def test_every_variant_trains_end_to_end(tmp_path):
             algo = AlgoConfig(**{**cfg.algo.model_dump(), **variant})
             vcfg = cfg.model_copy(update={"algo": algo})
             actors.learners.set_algo(algo)
-            groups, info = collect_groups(actors, stream, vcfg)
+            groups, info = collect_groups(actors, stream, vcfg, version)
             batch = collate_groups(groups, tok.pad_token_id, mask_truncated=algo.mask_truncated)
             m = actors.learners.train_step(batch)
             assert math.isfinite(m["loss"]) and m["grad_norm"] > 0, (variant, m)

@@ -1,5 +1,7 @@
 """The vLLM engine actor alone: in-place weight reload (tied LM head included) and the
-engine/learner log-prob agreement after a reload, in float32 and bfloat16.
+engine/learner log-prob agreement after a reload, in float32 and bfloat16; per-prompt sampling
+seeds; the engine group replacing an engine that dies mid-call (engines started as a run starts
+them, in placement-group bundles).
 
 Tolerances (max |engine - reference| log-prob per token, nats): float32 1e-3 (measured ~1e-6);
 bfloat16 5e-2 (measured 0.019 max, 0.007 mean over 8 sequences of 24 sampled tokens).
@@ -7,12 +9,15 @@ bfloat16 5e-2 (measured 0.019 max, 0.007 mean over 8 sequences of 24 sampled tok
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 pytestmark = pytest.mark.slow
 
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +73,163 @@ def test_reload_then_logprobs_match_reference(ray_local, model_dir, tmp_path, dt
         worst = max(worst, max(abs(a - b) for a, b in zip(engine_lp, ref_lp)))
     assert worst < TOLERANCE[dtype], worst
     ray.kill(engine)
+
+
+# ------------------------------------------------------------------ seeds and engine restarts
+
+SEEDED = dict(n=4, max_new_tokens=16, temperature=1.0)
+
+
+def _prompts(model_dir, k):
+    from transformers import AutoTokenizer
+
+    from troupe.demo import arith
+    from troupe.rollout.prompts import build_prompts
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts, _ = build_prompts(arith.arith_rows(k, 0, 99, "eval"), tok, template="raw", prompt_format=arith.PROMPT_FORMAT,
+                               system_prompt=None, max_prompt_tokens=64)
+    return prompts
+
+
+class _Engines:
+    """Engines as a run starts them (cluster/runtime.py ``engine_factory``): one placement-group
+    bundle of 1 CPU per engine, replacements in the dead engine's bundle."""
+
+    def __init__(self, ray, model_dir, num_engines):
+        from ray.util.placement_group import placement_group
+
+        from troupe.cluster.runtime import _bundles, engine_factory
+        from troupe.configs.schema import load_config
+
+        cfg = load_config(REPO / "configs" / "arith_cpu.yaml", [f"rollout.num_engines={num_engines}",
+                                                                "rollout.num_cpus_per_engine=1"])
+        self.ray, self.bundles = ray, _bundles(cfg)[:num_engines]
+        self.pg = placement_group(self.bundles, strategy="PACK")
+        assert self.pg.wait(timeout_seconds=60)
+        self.start = engine_factory(cfg, model_dir, self.pg, self.bundles)
+
+    def group(self, **kw):
+        from troupe.rollout.engines import EngineGroup
+
+        logs: list[str] = []
+        g = EngineGroup([self.start(i) for i in range(len(self.bundles))], factory=self.start, log=logs.append, **kw)
+        g.ready()
+        return g, logs
+
+    def close(self, group):
+        from ray.util.placement_group import remove_placement_group
+
+        group.shutdown()
+        remove_placement_group(self.pg)
+
+
+class _KillOnFirstSubmit:
+    """A pass-through reward "pool" whose first ``submit`` kills the engine that did not produce that
+    chunk (``victim(groups) -> handle``): that engine still has unfinished chunks then."""
+
+    def __init__(self, ray, victim):
+        self.ray, self.victim, self.killed = ray, victim, None
+
+    def submit(self, groups):
+        if self.killed is None:
+            self.killed = self.victim(groups)
+            self.ray.kill(self.killed, no_restart=True)
+        return groups
+
+    def get(self, ref):
+        return ref
+
+
+def _ids(groups):
+    return [[s.response_ids for s in g.samples] for g in groups]
+
+
+@pytest.mark.ray
+def test_seeded_sampling_is_engine_independent(ray_local, model_dir):
+    """Same prompts + per-prompt seeds: the same token ids on either engine, in any chunking, every time."""
+    from troupe.core.types import Sampling
+
+    ray = ray_local
+    prompts, seeds = _prompts(model_dir, 6), [1000 + 16 * i for i in range(6)]
+    sp = Sampling(**SEEDED)
+    eng = _Engines(ray, model_dir, 2)
+    group, _ = eng.group()
+    try:
+        e0, e1 = group.handles
+        whole = ray.get(e0.generate.remote(prompts, sp, seeds))
+        assert _ids(ray.get(e1.generate.remote(prompts, sp, seeds))) == _ids(whole)
+        assert _ids(ray.get(e0.generate.remote(prompts, sp, seeds))) == _ids(whole)  # repeatable
+        split = ray.get(e1.generate.remote(prompts[4:], sp, seeds[4:])) + ray.get(e1.generate.remote(prompts[:4], sp, seeds[:4]))
+        assert _ids(split[2:] + split[:2]) == _ids(whole)  # other batches, other order
+        grouped, t = group.generate(prompts, sp, seeds=seeds)
+        assert _ids(grouped) == _ids(whole) and t["engine_restarts"] == 0
+        other = ray.get(e0.generate.remote(prompts, sp, [s + 1 for s in seeds]))
+        assert _ids(other) != _ids(whole)
+        assert len({tuple(x) for x in _ids(whole)[0]}) > 1  # the n samples of a prompt differ (child k: seed + k)
+    finally:
+        eng.close(group)
+
+
+@pytest.mark.ray
+def test_engine_death_mid_generate_is_replaced(ray_local, model_dir, tmp_path):
+    """Engine killed while it has unfinished chunks: replaced in its bundle with the current weights
+    (v1), its chunks resampled with the same seeds; one group per prompt, in order."""
+    from safetensors.torch import load_file, save_file
+
+    from troupe.core.types import Sampling
+
+    ray = ray_local
+    prompts, seeds = _prompts(model_dir, 8), [7 + 16 * i for i in range(8)]
+    sp = Sampling(**SEEDED)
+    eng = _Engines(ray, model_dir, 2)
+    group, logs = eng.group(chunks_per_engine=4, rpc_timeout_s=600.0, max_failures=3)
+    try:
+        g = torch.Generator().manual_seed(3)
+        new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in load_file(f"{model_dir}/model.safetensors").items()}
+        new["lm_head.weight"] = new["model.embed_tokens.weight"].clone()
+        path = str(tmp_path / "policy-v1.safetensors")
+        save_file(new, path)
+        assert [r["version"] for r in group.load_weights(path, 1)] == [1, 1]
+        group.set_weights_source(1, lambda h: h.load_weights.remote(path, 1))
+        probe = prompts[0].token_ids + [5, 9, 11, 13]
+        lp_v1 = group.sequence_logprobs(probe, len(prompts[0].token_ids))[0]
+        reference, _ = group.generate(prompts, sp, seeds=seeds)  # no fault
+
+        # 8 prompts, 8 chunks of 1, chunk c -> engine c % 2: kill the engine that did not produce the first chunk
+        chunk_of = {p.uid: c for c, p in enumerate(prompts)}
+        before = group.handles
+        fault = _KillOnFirstSubmit(ray, lambda gs: before[1 - chunk_of[gs[0].prompt.uid] % 2])
+        out, t = group.generate(prompts, sp, rewards=fault, seeds=seeds)
+        dead = before.index(fault.killed)
+        assert [gr.prompt.uid for gr in out] == [p.uid for p in prompts]
+        assert all(len(gr.samples) == sp.n and all(s.policy_version == 1 for s in gr.samples) for gr in out)
+        assert _ids(out) == _ids(reference)  # resampled chunks: the same samples as without the fault
+        assert t["engine_restarts"] == 1 and group.restarts == 1
+        assert len(logs) == 1 and f"engine {dead} restarted" in logs[0] and "died" in logs[0].lower(), logs
+        after = group.handles
+        assert after[1 - dead] is before[1 - dead] and after[dead] is not before[dead]
+        assert ray.get(after[dead].get_version.remote()) == 1 and group.versions() == [1, 1]
+        lps = group.sequence_logprobs(probe, len(prompts[0].token_ids))
+        assert lps[dead] == pytest.approx(lps[1 - dead], abs=1e-6) and lps[dead] == pytest.approx(lp_v1, abs=1e-6)
+    finally:
+        eng.close(group)
+
+
+@pytest.mark.ray
+def test_too_many_engine_failures_stop_the_run(ray_local, model_dir):
+    """max_failures=0: the first death raises the "in a row" RuntimeError naming the engine."""
+    from troupe.core.types import Sampling
+
+    ray = ray_local
+    prompts = _prompts(model_dir, 4)
+    eng = _Engines(ray, model_dir, 1)
+    group, logs = eng.group(chunks_per_engine=4, max_failures=0)
+    try:
+        fault = _KillOnFirstSubmit(ray, lambda gs: group.handles[0])
+        with pytest.raises(RuntimeError, match=r"1 engine failures in a row .*engine 0 failed during generate chunk "
+                                               r".*the run stops"):
+            group.generate(prompts, Sampling(**SEEDED), rewards=fault, seeds=list(range(0, 64, 16)))
+        assert group.restarts == 0 and logs == []
+    finally:
+        eng.close(group)

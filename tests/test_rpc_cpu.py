@@ -1,0 +1,93 @@
+"""core/rpc.py with tiny real Ray actors: deadlines, deaths found while others still run, errors raised
+inside a live actor, and the ``fetch`` mask."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+
+class Worker:
+    """A tiny actor: sleeps, dies, raises, or returns its argument."""
+
+    def sleep(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return "slept"
+
+    def die(self, after: float = 0.0) -> None:
+        time.sleep(after)
+        os._exit(1)
+
+    def fail(self) -> None:
+        raise ValueError("bad input")
+
+    def echo(self, x):
+        return x
+
+
+@pytest.fixture(scope="module")
+def workers(ray_local):
+    ray = ray_local
+    W = ray.remote(Worker).options(num_cpus=0)
+    return ray, W
+
+
+def test_timeout_names_the_actor(workers):
+    from troupe.core.rpc import RemoteTimeout, get_one, wait_all
+
+    ray, W = workers
+    a, b = W.remote(), W.remote()
+    ray.get([a.echo.remote(0), b.echo.remote(0)])  # both started: only b's nap can outlive the deadline
+    t0 = time.monotonic()
+    with pytest.raises(RemoteTimeout) as ei:
+        wait_all([a.echo.remote(1), b.sleep.remote(30)], ["worker a", "worker b"], "nap", 1.0)
+    assert time.monotonic() - t0 < 10
+    assert ei.value.names == ["worker b"] and "worker b" in str(ei.value) and "nap" in str(ei.value)
+    with pytest.raises(RemoteTimeout, match="worker a"):
+        get_one(a.sleep.remote(30), "worker a", "nap", 0.5)
+    for h in (a, b):
+        ray.kill(h)
+
+
+def test_death_is_reported_while_another_call_still_sleeps(workers):
+    from troupe.core.rpc import ActorFailed, wait_all
+
+    ray, W = workers
+    sleeper, dying = W.remote(), W.remote()
+    ray.get([sleeper.echo.remote(0), dying.echo.remote(0)])
+    t0 = time.monotonic()
+    with pytest.raises(ActorFailed) as ei:
+        wait_all([sleeper.sleep.remote(60), dying.die.remote(0.5)], ["sleeper", "dying one"], "work", 120.0)
+    assert time.monotonic() - t0 < 30  # not after the sleeper's 60 s
+    assert ei.value.died and ei.value.name == "dying one" and "dying one failed during work" in str(ei.value)
+    ray.kill(sleeper)
+
+
+def test_exception_in_live_actor_is_not_a_death(workers):
+    from troupe.core.rpc import ActorFailed, get_one, wait_all
+
+    ray, W = workers
+    a = W.remote()
+    with pytest.raises(ActorFailed) as ei:
+        wait_all([a.echo.remote(1), a.fail.remote()], ["worker a", "worker a"], "check", 30.0)
+    assert not ei.value.died and ei.value.name == "worker a" and "bad input" in str(ei.value)
+    with pytest.raises(ActorFailed) as ei:
+        get_one(a.fail.remote(), "worker a", "check", 30.0)
+    assert not ei.value.died
+    assert get_one(a.echo.remote(5), "worker a", "check", 30.0) == 5  # still alive
+    ray.kill(a)
+
+
+def test_fetch_mask_returns_the_ref(workers):
+    from troupe.core.rpc import wait_all
+
+    ray, W = workers
+    a = W.remote()
+    refs = [a.echo.remote("big"), a.echo.remote(2)]
+    out = wait_all(refs, ["worker a", "worker a"], "echo", 30.0, fetch=[False, True])
+    assert out[0] is refs[0] and ray.get(out[0]) == "big" and out[1] == 2
+    ray.kill(a)
