@@ -67,7 +67,7 @@ def collect_groups(actors: Actors, stream: PromptStream, cfg: RunConfig, step: i
     """One step's scored groups; with dynamic sampling (DAPO) groups that are not informative are replaced."""
     need = cfg.rollout.prompts_per_step
     groups, t = _generate(actors, stream, need, cfg, step)
-    info = {"time/generate": t["generate"], "time/reward": t["reward"], "faults/engine_restarts": t.get("engine_restarts", 0)}
+    info = {"time/generate": t["generate"], "time/reward": t["reward"]}
     if not cfg.algo.dynamic_sampling:
         return groups, info
     steps = cfg.algo.advantage.uses_step_rewards
@@ -82,7 +82,6 @@ def collect_groups(actors: Actors, stream: PromptStream, cfg: RunConfig, step: i
         more, t = _generate(actors, stream, need - len(kept), cfg, step)
         for key in ("generate", "reward"):
             info[f"time/{key}"] += t[key]
-        info["faults/engine_restarts"] += t.get("engine_restarts", 0)
         good, bad = split(more)
         kept, dropped = kept + good, dropped + bad
     info.update({"dynamic/refill_rounds": rounds, "dynamic/informative_groups": min(len(kept), need)})
@@ -194,13 +193,12 @@ def resume_from(path: Path, actors: Actors, sync: WeightSync, stream: PromptStre
 def run_step(step: int, cfg: RunConfig, actors: Actors, sync: WeightSync, stream: PromptStream, state: RunState,
              eval_prompts: list[Prompt], pad_id: int, run_dir: Path, say: Callable[[str], None]) -> dict:
     """One GRPO step: rollout, learner update, weight sync, periodic eval / HF export. Returns its metrics."""
-    t_step = time.time()
+    t_step, restarts = time.time(), actors.engines.restarts
     groups, record = collect_groups(actors, stream, cfg, step)
     record.update(rollout_metrics(groups))
     batch = collate_groups(groups, pad_id, mask_truncated=cfg.algo.mask_truncated)
     t_learn = time.time()
     record.update(actors.learners.train_step(batch), **{"time/learn": time.time() - t_learn})
-    state.engine_restarts += record["faults/engine_restarts"]
     state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if record.get("faults/nonfinite_steps") else 0
     if state.nonfinite_in_a_row:
         say(f"step {step}: loss or gradient norm not finite, update skipped ({state.nonfinite_in_a_row} in a row)")
@@ -218,6 +216,8 @@ def run_step(step: int, cfg: RunConfig, actors: Actors, sync: WeightSync, stream
     if cfg.save_every and step % cfg.save_every == 0:
         actors.learners.save_hf(str(run_dir / "checkpoints" / f"step_{step}"), str(run_dir / "tokenizer"))
     state.step = step
+    record["faults/engine_restarts"] = actors.engines.restarts - restarts  # in generation, sync or checks
+    state.engine_restarts += record["faults/engine_restarts"]
     record.update(step=step, policy_version=state.policy_version, **{"time/step": time.time() - t_step})
     return record
 
