@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from troupe.configs.schema import ConfigError, RunConfig, dump_config, load_config
 
@@ -82,8 +83,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _resume_point(cfg: RunConfig, arg: str) -> tuple[Path, Path, dict]:
-    """(checkpoint folder, run directory, its driver state) for ``--resume [arg]``; ConfigError if unusable."""
+class ResumePoint(NamedTuple):
+    """Where ``--resume`` continues: the checkpoint folder, the run directory, the checkpoint's driver
+    state, and the config keys that changed since (all allowed)."""
+
+    path: Path
+    run_dir: Path
+    state: dict
+    changes: list[str]
+
+
+def _resume_point(cfg: RunConfig, arg: str) -> ResumePoint:
+    """The ``ResumePoint`` of ``--resume [arg]``; ConfigError if unusable."""
     from troupe.cluster import checkpoint
 
     if arg == "latest":
@@ -96,8 +107,8 @@ def _resume_point(cfg: RunConfig, arg: str) -> tuple[Path, Path, dict]:
     else:
         path = Path(arg).resolve()
     state = checkpoint.load_state(path)
-    checkpoint.check_compatible(path, cfg)
-    return path, Path(state["run_dir"]), state
+    changes = checkpoint.check_compatible(path, cfg)
+    return ResumePoint(path, Path(state["run_dir"]), state, changes)
 
 
 def _run_logger(run_dir: Path) -> logging.Logger:
@@ -120,7 +131,7 @@ def _interrupt(signum, _frame) -> None:
 
 
 def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], address: str | None,
-              dashboard: bool = False, *, resume: tuple[Path, Path, dict] | None = None,
+              dashboard: bool = False, *, resume: ResumePoint | None = None,
               config_path: str = "CONFIG") -> int:
     """Start Ray, build/SFT the model (or take it from the checkpoint), start the actors, train, save.
 
@@ -133,7 +144,7 @@ def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], add
 
     t0 = time.time()
     if resume is not None:
-        run_dir = resume[1]
+        run_dir = resume.run_dir
         os.makedirs(run_dir, exist_ok=True)
     else:
         run_dir = make_run_dir(cfg.output_dir, cfg.name)
@@ -146,8 +157,12 @@ def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], add
 
     from troupe.cluster.runtime import init_ray
 
-    init_ray(cfg, address, dashboard)  # first: a cluster problem fails before minutes of SFT
     try:
+        try:
+            init_ray(cfg, address, dashboard)  # first: a cluster problem fails before minutes of SFT
+        except ConnectionError as e:
+            say(f"cannot join the Ray cluster: {e}")
+            return 1
         return _train_on_ray(cfg, train_rows, eval_rows, run_dir, resume, config_path, say, t0)
     finally:
         ray.shutdown()
@@ -156,7 +171,7 @@ def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], add
 
 
 def _train_on_ray(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], run_dir: Path,
-                  resume: tuple[Path, Path, dict] | None, config_path: str, say, t0: float) -> int:
+                  resume: ResumePoint | None, config_path: str, say, t0: float) -> int:
     from transformers import AutoTokenizer
 
     from troupe.cluster import checkpoint
@@ -167,8 +182,9 @@ def _train_on_ray(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict],
 
     timings, info = {}, {}
     if resume is not None:
-        model_path = resume[2]["model_path"]
-        say(f"resuming from {resume[0]}; policy initialised from {model_path}")
+        model_path = resume.state["model_path"]
+        say(f"resuming from {resume.path}; policy initialised from {model_path}; config changes since: "
+            + (", ".join(resume.changes) or "none"))
     else:
         model_path, info = prepare_model(cfg, run_dir, train_rows, say)
     timings["prepare_seconds"] = time.time() - t0
@@ -189,7 +205,7 @@ def _train_on_ray(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict],
         f"{cfg.reward.num_workers} reward worker(s) ready in {timings['actor_start_seconds']:.0f} s")
     try:
         summary = train(cfg, run_dir, actors, eval_prompts, tok.pad_token_id or 0, prompt_stream(prompts, cfg.seed), say,
-                        model_path=model_path, resume=resume[0] if resume else None)
+                        model_path=model_path, resume=resume.path if resume else None)
     except RunStopped as e:
         say(f"{e}" + (f"; resume with: troupe train {config_path} --resume" if e.checkpoint else ""))
         return 128 + e.signum

@@ -239,7 +239,10 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
         if resume is not None:
             state = resume_from(resume, actors, sync, stream, eval_prompts, say)
         else:
-            state = RunState(model_path=model_path, run_dir=str(run_dir),
+            # absolute, so that --resume works from any working directory
+            local = Path(model_path).exists()
+            state = RunState(model_path=str(Path(model_path).resolve()) if local else model_path,
+                             run_dir=str(Path(run_dir).resolve()),
                              eval_start=evaluate(actors, eval_prompts, cfg, run_dir / "eval_start.jsonl"))
             writer.write({"step": 0, **state.eval_start})
         say(f"start: held-out greedy accuracy {state.eval_start.get('eval/accuracy', float('nan')):.3f} "
