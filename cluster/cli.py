@@ -199,7 +199,11 @@ def _train_on_ray(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict],
         return 2
     say(f"{len(prompts)} training prompts ({dropped} dropped as longer than {d.max_prompt_tokens} tokens), {len(eval_prompts)} held-out")
     t1 = time.time()
-    actors = start_actors(cfg, model_path, log=say)
+    try:
+        actors = start_actors(cfg, model_path, log=say)
+    except (RuntimeError, TimeoutError) as e:  # an actor died or hung while starting (ActorFailed, RemoteTimeout)
+        say(f"actors failed to start: {e}")
+        return 1
     timings["actor_start_seconds"] = time.time() - t1
     say(f"{cfg.rollout.num_engines} engine(s), {cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage}), "
         f"{cfg.reward.num_workers} reward worker(s) ready in {timings['actor_start_seconds']:.0f} s")

@@ -37,8 +37,11 @@ class ActorFailed(RuntimeError):
         inner = getattr(cause, "cause", None)
         shown = inner if isinstance(inner, BaseException) and not isinstance(cause, _actor_gone()) else cause
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(shown)).strip()
-        first = text.splitlines()[0] if text else type(shown).__name__
-        super().__init__(f"{name} failed during {what}: {type(shown).__name__}: {first}")
+        lines = [x for x in text.splitlines() if x.strip()]
+        first = lines[0] if lines else type(shown).__name__
+        # an actor that died in its constructor carries the constructor's traceback: its last line is the cause
+        last = f" ... {lines[-1].strip()}" if len(lines) > 1 and "creation task" in first else ""
+        super().__init__(f"{name} failed during {what}: {type(shown).__name__}: {first}{last}")
 
     @property
     def died(self) -> bool:

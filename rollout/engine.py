@@ -76,6 +76,11 @@ class RolloutEngine:
             worker_extension_cls="troupe.rollout.engine.WeightReloadExtension",
             enable_prefix_caching=True,
         )
+        if device == "cpu":
+            # per-prompt seeds give each request a torch.Generator; when a prompt's prefill is split
+            # (chunked prefill), vLLM 0.32 rewinds that generator with set_offset, which CPU generators
+            # lack ("CPU Generator does not use offset"): prefill every prompt whole on CPU
+            kw.update(enable_chunked_prefill=False)
         if device == "gpu":
             kw.update(gpu_memory_utilization=rollout.gpu_memory_utilization,
                       tensor_parallel_size=max(1, int(rollout.num_gpus_per_engine)))

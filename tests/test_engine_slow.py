@@ -167,6 +167,11 @@ def test_seeded_sampling_is_engine_independent(ray_local, model_dir):
         other = ray.get(e0.generate.remote(prompts, sp, [s + 1 for s in seeds]))
         assert _ids(other) != _ids(whole)
         assert len({tuple(x) for x in _ids(whole)[0]}) > 1  # the n samples of a prompt differ (child k: seed + k)
+        # the demo's batch (64 prompts x G=8): vLLM prefills part of it in a later step, and a seeded request
+        # must not reach its CUDA-only generator rewind (rollout/engine.py: no chunked prefill on CPU)
+        big, big_seeds, big_sp = _prompts(model_dir, 64), [16 * i for i in range(64)], Sampling(**{**SEEDED, "n": 8})
+        forward = ray.get(e0.generate.remote(big, big_sp, big_seeds))
+        assert _ids(ray.get(e1.generate.remote(big[::-1], big_sp, big_seeds[::-1]))[::-1]) == _ids(forward)
     finally:
         eng.close(group)
 
