@@ -149,6 +149,34 @@ class RewardFunctionConfig(_Strict):
         "(completion cut at reward.step_delimiter; the function also gets steps=[[str]]), for "
         "algo.advantage 'process' (DeepSeekMath 4.1.3).",
     )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword settings of a built-in that takes them (http: url, timeout_s, retries, token_env); "
+        "other functions take none.",
+    )
+    tasks: Optional[list[str]] = Field(
+        None, description="Per-row routing: score only rows whose reward.route_by column is one of these "
+        "(null: every row).")
+
+
+class RewardModelConfig(_Strict):
+    """One learned reward model (``troupe rm train`` output) scoring prompt + response text in its own actors."""
+
+    path: str = Field(description="HF AutoModelForSequenceClassification folder (num_labels=1), e.g. a "
+                      "`troupe rm train` model folder; relative to the working directory.")
+    name: str = Field("rm", min_length=1, description="Part name in the metrics (reward/<name>_mean).")
+    weight: float = Field(1.0, ge=-1000, le=1000, description="Weight in the combined reward.")
+    normalize: bool = Field(True, description="Score (r - mean) / std with the mean/std stored with the model "
+                            "(its training data); false: the raw head value.")
+    batch_size: int = Field(16, ge=1, le=65536, description="Sequences per forward.")
+    max_length: int = Field(1024, ge=8, le=1048576, description="Longer prompt + response texts keep their last "
+                            "this many tokens.")
+    num_workers: int = Field(1, ge=1, le=1024, description="Reward-model actors (each holds a copy).")
+    num_cpus: float = Field(1.0, ge=0.0, description="Ray CPUs per reward-model actor.")
+    num_gpus: float = Field(0.0, ge=0.0, description="Ray GPUs per reward-model actor (1 on GPU clusters).")
+    timeout_s: float = Field(120.0, gt=0.0, le=3600.0, description="Seconds allowed to score one batch.")
+    tasks: Optional[list[str]] = Field(
+        None, description="Per-row routing: score only rows whose reward.route_by column is one of these.")
 
 
 class RewardConfig(_Strict):
@@ -158,9 +186,14 @@ class RewardConfig(_Strict):
     num_cpus_per_worker: float = Field(0.0, ge=0.0, description="Ray CPUs per reward worker.")
     functions: list[RewardFunctionConfig] = Field(
         default_factory=lambda: [RewardFunctionConfig(name="accuracy", weight=1.0)],
-        min_length=1,
-        description="Combined as sum(weight * score).",
+        description="Rule functions; combined with the models as sum(weight * score). A function of weight 0 "
+        "is reported (reward/<name>_mean) without changing the reward.",
     )
+    models: list[RewardModelConfig] = Field(
+        default_factory=list, description="Learned reward models, each in its own actors (reward/model.py).")
+    route_by: Optional[str] = Field(
+        None, description="Data column that routes rows to functions and models by their `tasks` "
+        "(DeepSeek-R1's final stage: rule rewards for math rows, the preference model for general rows).")
     timeout_s: float = Field(10.0, gt=0.0, le=3600.0, description="Per-sample scoring timeout in seconds.")
     on_failure: Literal["zero", "exclude"] = Field(
         "zero", description="A failed score (exception, timeout, NaN, wrong type) counts as 0 or is excluded."
@@ -170,6 +203,23 @@ class RewardConfig(_Strict):
         description="Process supervision: completions are cut into reasoning steps here (TRL PRMTrainer's "
         "step_separator; the arithmetic demo uses ',').",
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardConfig":
+        if not self.functions and not self.models:
+            raise ValueError("reward: give at least one of reward.functions and reward.models")
+        names = [f.name for f in self.functions] + [m.name for m in self.models]
+        dup = sorted({m.name for m in self.models if names.count(m.name) > 1})
+        if dup:
+            raise ValueError(f"reward.models: names {dup} are used twice; give each model its own `name`")
+        routed = [f"functions.{i}" for i, f in enumerate(self.functions) if f.tasks is not None] + \
+            [f"models.{i}" for i, m in enumerate(self.models) if m.tasks is not None]
+        if routed and not self.route_by:
+            raise ValueError(f"reward.{routed[0]}.tasks needs reward.route_by (the data column that names a row's task)")
+        if any(m.kind == "process" for m in self.functions) and self.models:
+            raise ValueError("reward.models with a process function: reward models give one outcome score per "
+                             "sample; use them with outcome functions")
+        return self
 
 
 class AlgoConfig(_Strict):
@@ -349,6 +399,64 @@ class RunConfig(_Strict):
         return self.rollout.prompts_per_step * self.rollout.group_size
 
 
+class PreferenceDataConfig(_Strict):
+    """Preference pairs for reward-model training (TRL's preference columns)."""
+
+    path: str = Field(description="JSONL or Parquet of pairs, relative to the config file or absolute.")
+    eval_path: Optional[str] = Field(None, description="Held-out pairs; default: the last `num_eval` pairs of "
+                                     "`path` after a seeded shuffle.")
+    num_eval: int = Field(64, ge=0, le=10**7, description="Held-out pairs taken from `path` when no eval_path.")
+    prompt_field: str = Field("prompt", description="Prompt column: a string or a list of chat messages; may be "
+                              "absent when chosen/rejected are whole conversations (TRL's implicit prompt).")
+    chosen_field: str = Field("chosen", description="Preferred response: a string or a list of messages.")
+    rejected_field: str = Field("rejected", description="Dispreferred response: a string or a list of messages.")
+    margin_field: Optional[str] = Field(None, description="Optional per-pair margin column (Llama-2's margin loss).")
+    max_rows: Optional[int] = Field(None, ge=1, description="Read at most this many pairs from `path`.")
+
+
+class RewardModelTrainSettings(_Strict):
+    """How long and on what the Bradley-Terry reward model trains."""
+
+    epochs: int = Field(1, ge=1, le=1000, description="Passes over the training pairs.")
+    batch_size: int = Field(32, ge=1, le=10**6, description="Pairs per optimizer step (all ranks).")
+    max_length: int = Field(512, ge=8, le=1048576, description="Longer prompt + response texts keep their last "
+                            "this many tokens.")
+
+
+class RewardModelTrainConfig(_Strict):
+    """``troupe rm train CONFIG.yaml``: a Bradley-Terry reward model on DeepSpeed ZeRO ranks (Ray actors).
+
+    ``learner`` is the same section as in a GRPO run (ranks, ZeRO stage, AdamW, micro-batch =
+    pairs per forward per rank); the model is ``model.path`` (a causal LM or a reward model folder)
+    with a scalar head (AutoModelForSequenceClassification, num_labels=1).
+    """
+
+    name: str = Field("rm", min_length=1, description="The run directory is output_dir/name.")
+    output_dir: str = Field("runs", description="Parent of the run directory.")
+    seed: int = Field(0, ge=0)
+    device: Literal["cpu", "gpu"] = Field("cpu", description="Where the ranks run.")
+    model: ModelConfig
+    data: PreferenceDataConfig
+    train: RewardModelTrainSettings = Field(default_factory=RewardModelTrainSettings)
+    learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(lr=1e-4, micro_batch_size=8))
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "RewardModelTrainConfig":
+        per_rank, rem = divmod(self.train.batch_size, self.learner.num_ranks)
+        if rem or not per_rank:
+            raise ValueError(f"train.batch_size = {self.train.batch_size} must be a positive multiple of "
+                             f"learner.num_ranks = {self.learner.num_ranks}")
+        if per_rank % self.learner.micro_batch_size and self.learner.micro_batch_size < per_rank:
+            raise ValueError(f"per-rank batch {per_rank} must be divisible by learner.micro_batch_size = "
+                             f"{self.learner.micro_batch_size}")
+        if self.device == "gpu" and self.learner.num_gpus_per_rank <= 0:
+            raise ValueError("device 'gpu' needs learner.num_gpus_per_rank > 0")
+        if self.device == "cpu" and self.learner.num_gpus_per_rank:
+            raise ValueError("device 'cpu' cannot ask for GPUs (learner.num_gpus_per_rank)")
+        return self
+
+
 def _parse_value(text: str) -> Any:
     """Parse a command-line override value as YAML (so 1e-3, true, [1,2] and null work)."""
     try:
@@ -388,13 +496,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a YAML run config.
-
-    Relative ``data.path``/``data.eval_path`` resolve against the config file's folder.
-    Raises ``ConfigError`` (message names the file and each bad dotted key).
-    """
-    path = Path(path)
+def _read(path: Path, overrides: list[str] | None, cls: type[BaseModel]) -> Any:
+    """YAML file -> overrides -> ``cls``; ConfigError naming the file and keys."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -405,24 +508,55 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     apply_overrides(raw, overrides or [])
     try:
-        cfg = RunConfig.model_validate(raw)
+        return cls.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, str(path))) from None
-    base = path.resolve().parent
+
+
+def _resolve_file(path: Path, section: Any, key: str, where: str) -> None:
+    """Make ``section.key`` absolute: relative to the config file's folder, else to the working directory;
+    ConfigError naming ``where`` when the file does not exist."""
+    val = getattr(section, key)
+    if not val:
+        return
+    if not Path(val).is_absolute():
+        cand = (path.resolve().parent / val).resolve()
+        if not cand.exists() and Path(val).exists():
+            cand = Path(val).resolve()
+        setattr(section, key, str(cand))
+    if not Path(getattr(section, key)).exists():
+        raise ConfigError(f"{path}: {where}: file not found: {getattr(section, key)}")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a YAML run config.
+
+    Relative ``data.path``/``data.eval_path`` resolve against the config file's folder (else the
+    working directory), as do ``reward.models[i].path``.
+    Raises ``ConfigError`` (message names the file and each bad dotted key).
+    """
+    path = Path(path)
+    cfg = _read(path, overrides, RunConfig)
     for key in ("path", "eval_path"):
-        val = getattr(cfg.data, key)
-        if val and not Path(val).is_absolute():
-            cand = (base / val).resolve()
-            if not cand.exists() and Path(val).exists():
-                cand = Path(val).resolve()
-            setattr(cfg.data, key, str(cand))
-        val = getattr(cfg.data, key)
-        if val and not Path(val).exists():
-            raise ConfigError(f"{path}: data.{key}: file not found: {val}")
+        _resolve_file(path, cfg.data, key, f"data.{key}")
+    for i, m in enumerate(cfg.reward.models):
+        _resolve_file(path, m, "path", f"reward.models.{i}.path")
     return cfg
 
 
-def dump_config(cfg: RunConfig) -> str:
+def load_rm_config(path: str | Path, overrides: list[str] | None = None) -> RewardModelTrainConfig:
+    """Read, override and validate a ``troupe rm train`` config (paths resolved as in :func:`load_config`).
+
+    Raises ``ConfigError`` naming the file and each bad dotted key.
+    """
+    path = Path(path)
+    cfg = _read(path, overrides, RewardModelTrainConfig)
+    for key in ("path", "eval_path"):
+        _resolve_file(path, cfg.data, key, f"data.{key}")
+    return cfg
+
+
+def dump_config(cfg: BaseModel) -> str:
     """The resolved config as YAML (what the run directory keeps as config.yaml)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
@@ -437,6 +571,10 @@ __all__ = [
     "ModelConfig",
     "RewardConfig",
     "RewardFunctionConfig",
+    "RewardModelConfig",
+    "RewardModelTrainConfig",
+    "RewardModelTrainSettings",
+    "PreferenceDataConfig",
     "RolloutConfig",
     "RunConfig",
     "SFTConfig",
@@ -444,4 +582,5 @@ __all__ = [
     "apply_overrides",
     "dump_config",
     "load_config",
+    "load_rm_config",
 ]

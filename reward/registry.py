@@ -35,7 +35,7 @@ __all__ = ["BUILTIN_REWARDS", "RewardFn", "check_reward_signature", "load_reward
 RewardFn = Callable[..., Any]
 
 
-def _text(completion: Any) -> str:
+def completion_text(completion: Any) -> str:
     """A completion as text: strings as is; TRL conversational form (list of messages) -> last content."""
     if isinstance(completion, str):
         return completion
@@ -62,12 +62,12 @@ def accuracy(prompts: list[str], completions: list[Any], **columns: Any) -> list
     Raises ValueError when ``answer`` is missing or has the wrong length.
     """
     answers = _answers(len(completions), columns)
-    return [V.accuracy_reward(_text(c), a) for c, a in zip(completions, answers)]
+    return [V.accuracy_reward(completion_text(c), a) for c, a in zip(completions, answers)]
 
 
 def format_(prompts: list[str], completions: list[Any], **columns: Any) -> list[Optional[float]]:
     """Built-in "format": :func:`troupe.reward.verifiers.format_reward` (DeepSeek-R1 tags)."""
-    return [V.format_reward(_text(c)) for c in completions]
+    return [V.format_reward(completion_text(c)) for c in completions]
 
 
 def gsm8k(prompts: list[str], completions: list[Any], **columns: Any) -> list[Optional[float]]:
@@ -76,7 +76,7 @@ def gsm8k(prompts: list[str], completions: list[Any], **columns: Any) -> list[Op
     Raises ValueError when ``answer`` is missing or has the wrong length.
     """
     answers = _answers(len(completions), columns)
-    return [V.gsm8k_reward(_text(c), a) for c, a in zip(completions, answers)]
+    return [V.gsm8k_reward(completion_text(c), a) for c, a in zip(completions, answers)]
 
 
 def math(prompts: list[str], completions: list[Any], **columns: Any) -> list[Optional[float]]:
@@ -85,7 +85,7 @@ def math(prompts: list[str], completions: list[Any], **columns: Any) -> list[Opt
     Raises ValueError when ``answer`` is missing or has the wrong length.
     """
     answers = _answers(len(completions), columns)
-    return [V.math_reward(_text(c), a) for c, a in zip(completions, answers)]
+    return [V.math_reward(completion_text(c), a) for c, a in zip(completions, answers)]
 
 
 def language(prompts: list[str], completions: list[Any], **columns: Any) -> list[Optional[float]]:
@@ -95,7 +95,7 @@ def language(prompts: list[str], completions: list[Any], **columns: Any) -> list
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-    return [V.language_consistency_reward(_text(c), _text(p)) for c, p in zip(completions, prompts)]
+    return [V.language_consistency_reward(completion_text(c), completion_text(p)) for c, p in zip(completions, prompts)]
 
 
 BUILTIN_REWARDS: Mapping[str, RewardFn] = MappingProxyType(
