@@ -3,6 +3,7 @@
     troupe train CONFIG.yaml [key.sub=value ...] [--address RAY_ADDRESS] [--dashboard] [--resume [CHECKPOINT]]
     troupe check CONFIG.yaml [key.sub=value ...]      validate config and data, start nothing
     troupe score INPUT.jsonl ...                       score completions offline (see --help)
+    troupe rm train|pairs|serve ...                    reward models (see troupe rm --help)
 
 Exit status: 0 on success, 2 on a bad config, override, data row or checkpoint (message names
 the key, file and line), 1 on a failure during the run (message names what failed and the
@@ -39,6 +40,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                             help="continue the run output_dir/name from its latest complete checkpoint, or from "
                             "the given checkpoint folder (.../resume/step_N)")
     sub.add_parser("score", help="score a JSONL of completions with reward functions", add_help=False)
+    sub.add_parser("rm", help="reward models: train (Bradley-Terry), pairs (from a policy's samples), serve (HTTP)",
+                   add_help=False)
     return p.parse_args(argv)
 
 
@@ -60,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         from troupe.cluster.score_cli import main as score_main
 
         return score_main(argv[1:])
+    if argv and argv[0] == "rm":
+        from troupe.cluster.rm_cli import main as rm_main
+
+        return rm_main(argv[1:])
     args = _parse(argv)
     from troupe.rollout.data import DataError
 

@@ -18,7 +18,8 @@ from troupe.core.types import TrainBatch
 
 
 class LearnerGroup:
-    """The learner ranks of a run (Ray actor handles of ``troupe.learner.zero.LearnerRank``, rank 0 first).
+    """The learner ranks of a run (Ray actor handles of ``troupe.learner.zero.LearnerRank``, or of another
+    ``ZeroRank`` subclass through :meth:`call`; rank 0 first).
 
     Every wait goes through ``troupe.core.rpc.wait_all`` with a deadline: a rank that dies raises
     ``ActorFailed`` naming it ("learner rank 1"), as soon as it is known (its peers may be blocked
@@ -50,6 +51,14 @@ class LearnerGroup:
         """Every rank's result of ``what`` (``wait_all`` errors: ``ActorFailed``, ``RemoteTimeout``)."""
         names = [f"learner rank {r}" for r in range(len(self._ranks))]
         return wait_all(refs, names, what, self.rpc_timeout_s, fetch)
+
+    def call(self, method: str, *args: Any, fetch: Optional[list[bool]] = None) -> list:
+        """``method(*args)`` on every rank (each object put in the store once); every rank's result.
+
+        For rank classes other than the GRPO learner (``troupe.learner.rm_rank.RewardModelRank``).
+        """
+        refs = [ray.put(a) for a in args]
+        return self._wait([getattr(r, method).remote(*refs) for r in self._ranks], method, fetch)
 
     def ready(self) -> list[dict]:
         """Block until every rank has initialised; each rank's ``ready()`` facts."""

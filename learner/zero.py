@@ -50,7 +50,128 @@ def _ds_config(*, zero_stage: int, micro: int, gas: int, world: int, lr: float, 
     return cfg
 
 
-class LearnerRank:
+class ZeroRank:
+    """What every DeepSpeed ZeRO rank actor shares: the process group, the engine, checkpoints, weight export.
+
+    Subclasses build their model and call :meth:`_start_engine`; the GRPO learner
+    (:class:`LearnerRank`) and the Bradley-Terry reward-model trainer
+    (``troupe.learner.rm_rank.RewardModelRank``) are the two.
+
+    Args:
+        rank, world_size: position in the torch.distributed group.
+        master_addr, master_port: rendezvous of the group (rank 0's node).
+        device: ``"cpu"`` (gloo) or ``"gpu"`` (NCCL).
+        torch_threads: CPU only: torch intra-op threads.
+        seed: ``torch.manual_seed`` of this rank.
+    """
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, *, device: str,
+                 torch_threads: int, seed: int) -> None:
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        if device == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            torch.set_num_threads(torch_threads)
+        import deepspeed
+
+        self.rank, self.world = rank, world_size
+        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+        torch.manual_seed(seed)
+        self.zero_stage = 0
+        self.optimizer_steps = 0
+
+    def _start_engine(self, model, lc, *, micro: int, gas: int, dtype: str) -> None:
+        """``self.engine``: DeepSpeed around ``model`` with AdamW and ZeRO from ``lc`` (a LearnerConfig)."""
+        import deepspeed
+
+        self.zero_stage = lc.zero_stage
+        ds_cfg = _ds_config(zero_stage=lc.zero_stage, micro=micro, gas=gas, world=self.world, lr=lc.lr,
+                            weight_decay=lc.weight_decay, betas=tuple(lc.betas), grad_clip=lc.grad_clip, dtype=dtype)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+
+    def ready(self) -> dict:
+        """Rank facts: rank, world size, parameter count, ZeRO stage."""
+        n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
+        return {"rank": self.rank, "world": self.world, "params": n, "zero_stage": self.zero_stage}
+
+    def _all_gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Concatenation over ranks (rank order) of an equal-size 1-D tensor."""
+        import torch.distributed as dist
+
+        x = local.to(self.engine.device)
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts).cpu()
+
+    def save_checkpoint(self, save_dir: str) -> str:
+        """DeepSpeed's full training state of this rank under ``save_dir/state`` (collective: every rank calls it).
+
+        Weights, optimizer moments (this rank's ZeRO partition), DeepSpeed's step counters, plus
+        troupe's own: the optimizer-step count (the warm-up position) and this rank's torch RNG
+        state. A reference model is not saved: it is the frozen initial policy, rebuilt from
+        ``model_path``. Returns ``save_dir``.
+        """
+        client = {"optimizer_steps": self.optimizer_steps, "torch_rng": torch.get_rng_state()}
+        self.engine.save_checkpoint(save_dir, tag="state", client_state=client, save_latest=False)
+        return save_dir
+
+    def load_checkpoint(self, save_dir: str) -> dict:
+        """Restore what ``save_checkpoint`` wrote (collective). Returns {"optimizer_steps"}.
+
+        Raises ``RuntimeError`` naming the folder when DeepSpeed finds no state there.
+        """
+        path, client = self.engine.load_checkpoint(save_dir, tag="state", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"rank {self.rank}: no DeepSpeed state under {save_dir}/state")
+        self.optimizer_steps = int(client["optimizer_steps"])
+        torch.set_rng_state(client["torch_rng"])
+        return {"optimizer_steps": self.optimizer_steps}
+
+    def full_state_dict(self) -> Optional[dict]:
+        """Full (un-sharded) weights, gathered under ZeRO-3; returned on rank 0, None elsewhere.
+
+        Every rank must call it (the ZeRO-3 gather is collective). Tensors are contiguous CPU
+        clones in the model's dtype, keyed like the HF checkpoint. Tied weights appear under both
+        names (``lm_head.weight`` and ``model.embed_tokens.weight``): vLLM's in-place reload does
+        not refresh a tied LM head from the embedding alone (measured: 1.1 nats of engine/learner
+        disagreement without it, 1e-6 with it).
+        """
+        import deepspeed
+
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
+                                               enabled=self.zero_stage == 3):
+            if self.rank != 0:
+                return None
+            names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+            return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items() if k in names}
+
+    def save_weights(self, path: str) -> Optional[str]:
+        """Write the full weights to a safetensors file (rank 0); collective under ZeRO-3."""
+        from safetensors.torch import save_file
+
+        state = self.full_state_dict()
+        if state is None:
+            return None
+        tmp = path + ".tmp"
+        save_file(state, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def _set_lr(self, base_lr: float, warmup_steps: int) -> None:
+        """Linear warm-up: optimizer step k (0-based) uses lr * min(1, (k + 1) / warmup_steps).
+
+        Done here rather than with DeepSpeed's WarmupLR, whose schedule steps after the optimizer
+        and so runs the first two optimizer steps at lr = 0 when warming up from 0.
+        """
+        w = warmup_steps
+        lr = base_lr * (min(1.0, (self.optimizer_steps + 1) / w) if w else 1.0)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+
+class LearnerRank(ZeroRank):
     """One data-parallel rank of the DeepSpeed ZeRO learner.
 
     Protocol (every call is made on every rank; each is collective under ZeRO-3):
@@ -82,18 +203,11 @@ class LearnerRank:
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
                  cfg: RunConfig) -> None:
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        if cfg.device == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            torch.set_num_threads(cfg.learner.torch_threads)
-        import deepspeed
+        super().__init__(rank, world_size, master_addr, master_port, device=cfg.device,
+                         torch_threads=cfg.learner.torch_threads, seed=cfg.seed)
         from transformers import AutoModelForCausalLM
 
-        self.rank, self.world = rank, world_size
         self.lc, self.algo, self.rollout = cfg.learner, cfg.algo, cfg.rollout
-        deepspeed.init_distributed(dist_backend="gloo" if cfg.device == "cpu" else "nccl")
-        torch.manual_seed(cfg.seed)
         self.dtype = getattr(torch, cfg.model.dtype)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
         if cfg.model.gradient_checkpointing:
@@ -101,12 +215,8 @@ class LearnerRank:
         rows = cfg.batch_size // world_size // cfg.algo.mini_batches  # rows of a mini-batch on this rank
         self.micro = min(self.lc.micro_batch_size, rows)
         self.gas = max(1, math.ceil(rows / self.micro))
-        ds_cfg = _ds_config(zero_stage=self.lc.zero_stage, micro=self.micro, gas=self.gas, world=world_size,
-                            lr=self.lc.lr, weight_decay=self.lc.weight_decay, betas=tuple(self.lc.betas),
-                            grad_clip=self.lc.grad_clip, dtype=cfg.model.dtype)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+        self._start_engine(model, self.lc, micro=self.micro, gas=self.gas, dtype=cfg.model.dtype)
         self.ref = self._reference(model_path, cfg.model.dtype) if self.algo.kl_coef > 0 else None
-        self.optimizer_steps = 0
         self._grads_dropped = False  # the ZeRO-0 NaN guard skipped the current optimizer step
         self._stage0_norm = float("nan")  # ZeRO-0: the last optimizer step's gradient norm
 
@@ -127,8 +237,7 @@ class LearnerRank:
 
     def ready(self) -> dict:
         """Rank facts: rank, world size, parameter count, ZeRO stage, whether the reference is sharded."""
-        n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
-        return {"rank": self.rank, "world": self.world, "params": n, "zero_stage": self.lc.zero_stage,
+        return {**super().ready(),
                 "reference": None if self.ref is None else ("zero3" if self.lc.zero_stage == 3 else "replicated")}
 
     def _forward_logprobs(self, model, b: TrainBatch, with_entropy: bool = False):
@@ -170,15 +279,6 @@ class LearnerRank:
         per = batch_size // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
 
-    def _all_gather(self, local: torch.Tensor) -> torch.Tensor:
-        """Concatenation over ranks (rank order) of an equal-size 1-D tensor."""
-        import torch.distributed as dist
-
-        x = local.to(self.engine.device)
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x)
-        return torch.cat(parts).cpu()
-
     def train_step(self, batch: TrainBatch) -> dict:
         """One GRPO step on this rank's rows of the whole step batch; every rank must call it.
 
@@ -217,7 +317,7 @@ class LearnerRank:
         count, grad_norm, skipped = 0, 0.0, 0
         for _epoch in range(self.algo.ppo_epochs):
             for m, norm in enumerate(norms):
-                self._set_lr()
+                self._set_lr(self.lc.lr, self.lc.warmup_steps)
                 self._grads_dropped = False
                 for i in range(m * rows, (m + 1) * rows, self.micro):
                     part = slice(i, min(i + self.micro, (m + 1) * rows))
@@ -237,17 +337,6 @@ class LearnerRank:
         out["lr"] = self.engine.optimizer.param_groups[0]["lr"]
         out["faults/nonfinite_steps"] = float(skipped)
         return out
-
-    def _set_lr(self) -> None:
-        """Linear warm-up: optimizer step k (0-based) uses lr * min(1, (k + 1) / warmup_steps).
-
-        Done here rather than with DeepSpeed's WarmupLR, whose schedule steps after the optimizer
-        and so runs the first two optimizer steps at lr = 0 when warming up from 0.
-        """
-        w = self.lc.warmup_steps
-        lr = self.lc.lr * (min(1.0, (self.optimizer_steps + 1) / w) if w else 1.0)
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
 
     def _micro_step(self, micro: TrainBatch, old: torch.Tensor, ref: Optional[torch.Tensor], adv: torch.Tensor,
                     norm: LossNorm) -> dict:
@@ -292,62 +381,6 @@ class LearnerRank:
         self._stage0_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
             if grads else 0.0
         return self._stage0_norm
-
-    def save_checkpoint(self, save_dir: str) -> str:
-        """DeepSpeed's full training state of this rank under ``save_dir/state`` (collective: every rank calls it).
-
-        Weights, optimizer moments (this rank's ZeRO partition), DeepSpeed's step counters, plus
-        troupe's own: the optimizer-step count (the warm-up position) and this rank's torch RNG
-        state. The reference model is not saved: it is the frozen initial policy, rebuilt from
-        ``model_path``. Returns ``save_dir``.
-        """
-        client = {"optimizer_steps": self.optimizer_steps, "torch_rng": torch.get_rng_state()}
-        self.engine.save_checkpoint(save_dir, tag="state", client_state=client, save_latest=False)
-        return save_dir
-
-    def load_checkpoint(self, save_dir: str) -> dict:
-        """Restore what ``save_checkpoint`` wrote (collective). Returns {"optimizer_steps"}.
-
-        Raises ``RuntimeError`` naming the folder when DeepSpeed finds no state there.
-        """
-        path, client = self.engine.load_checkpoint(save_dir, tag="state", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"learner rank {self.rank}: no DeepSpeed state under {save_dir}/state")
-        self.optimizer_steps = int(client["optimizer_steps"])
-        torch.set_rng_state(client["torch_rng"])
-        return {"optimizer_steps": self.optimizer_steps}
-
-    def full_state_dict(self) -> Optional[dict]:
-        """Full (un-sharded) policy weights, gathered under ZeRO-3; returned on rank 0, None elsewhere.
-
-        Every rank must call it (the ZeRO-3 gather is collective). Tensors are contiguous CPU
-        clones in the model's dtype, keyed like the HF checkpoint. Tied weights appear under both
-        names (``lm_head.weight`` and ``model.embed_tokens.weight``): vLLM's in-place reload does
-        not refresh a tied LM head from the embedding alone (measured: 1.1 nats of engine/learner
-        disagreement without it, 1e-6 with it).
-        """
-        import deepspeed
-
-        module = self.engine.module
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
-                                               enabled=self.lc.zero_stage == 3):
-            if self.rank != 0:
-                return None
-            names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
-            return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items() if k in names}
-
-    def save_weights(self, path: str) -> Optional[str]:
-        """Write the full weights to a safetensors file (rank 0); collective under ZeRO-3."""
-        from safetensors.torch import save_file
-
-        state = self.full_state_dict()
-        if state is None:
-            return None
-        tmp = path + ".tmp"
-        save_file(state, tmp)
-        os.replace(tmp, path)
-        return path
 
     def save_hf(self, out_dir: str, tokenizer_dir: str) -> Optional[str]:
         """Write an HF checkpoint (config, safetensors, tokenizer) that transformers and vLLM load."""

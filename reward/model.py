@@ -4,7 +4,7 @@
 reward workers run it like any rule function (same timeouts, failure counts, ``on_failure`` and
 worker replacement: ``troupe.reward.pool``); ``troupe rm serve`` (``troupe.reward.server``) and
 ``troupe score`` use the same class. The text scored is
-``troupe.learner.reward_model.reward_text(prompt_text, completion, eos)``: the templated prompt the
+``troupe.core.reward_model.reward_text(prompt_text, completion, eos)``: the templated prompt the
 policy saw (the ``prompt_texts`` keyword the reward workers pass), not the raw question.
 """
 
@@ -39,7 +39,7 @@ class RewardModelScorer:
         import torch
         from transformers import AutoTokenizer
 
-        from troupe.learner.reward_model import load_reward_model, read_stats
+        from troupe.core.reward_model import load_reward_model, read_stats
 
         self.path, self.batch_size, self.max_length = path, int(batch_size), int(max_length)
         self.device = torch.device(device)
@@ -60,7 +60,7 @@ class RewardModelScorer:
         """
         import torch
 
-        from troupe.learner.reward_model import encode_texts, sequence_rewards
+        from troupe.core.reward_model import encode_texts, sequence_rewards
 
         out: list[float] = []
         with self._lock, torch.no_grad():
@@ -75,7 +75,7 @@ class RewardModelScorer:
     def texts(self, prompt_texts: Sequence[str], completions: Sequence[Any]) -> list[str]:
         """``reward_text`` of each (prompt text, completion); a TRL conversational completion
         (list of messages) contributes its last message's content."""
-        from troupe.learner.reward_model import reward_text
+        from troupe.core.reward_model import reward_text
         from troupe.reward.registry import completion_text
 
         eos = self.tokenizer.eos_token

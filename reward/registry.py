@@ -26,11 +26,11 @@ import inspect
 import sys
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from troupe.reward import verifiers as V
 
-__all__ = ["BUILTIN_REWARDS", "RewardFn", "check_reward_signature", "load_reward_function"]
+__all__ = ["BUILTIN_FACTORIES", "BUILTIN_REWARDS", "RewardFn", "check_reward_signature", "load_reward_function"]
 
 RewardFn = Callable[..., Any]
 
@@ -110,6 +110,32 @@ BUILTIN_REWARDS: Mapping[str, RewardFn] = MappingProxyType(
 """Built-in reward functions by config name (read-only)."""
 
 
+class _LazyFactories(Mapping[str, Callable[..., RewardFn]]):
+    """Read-only name -> factory mapping that imports a factory's module on first lookup."""
+
+    def __init__(self, targets: Mapping[str, str]) -> None:
+        self._targets = dict(targets)
+
+    def __getitem__(self, name: str) -> Callable[..., RewardFn]:
+        module, attr = self._targets[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._targets)
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+    def __repr__(self) -> str:
+        return f"BUILTIN_FACTORIES({self._targets})"
+
+
+BUILTIN_FACTORIES: Mapping[str, Callable[..., RewardFn]] = _LazyFactories({"http": "troupe.reward.http:HttpReward"})
+"""Built-ins that take options (config ``options``), by name: ``factory(**options)`` returns the
+reward function (``http``: :class:`troupe.reward.http.HttpReward`). Read-only; a factory's module
+is imported on first lookup, so this module stays light."""
+
+
 def check_reward_signature(fn: Callable, spec: str = "<function>") -> None:
     """Raise ValueError unless ``fn`` can be called as ``fn(prompts=..., completions=..., **columns)``.
 
@@ -154,7 +180,7 @@ def check_reward_signature(fn: Callable, spec: str = "<function>") -> None:
 def _split_spec(spec: str) -> tuple[str, str]:
     if ":" not in spec:
         raise ValueError(
-            f"reward function {spec!r}: not a built-in ({', '.join(sorted(BUILTIN_REWARDS))}) "
+            f"reward function {spec!r}: not a built-in ({', '.join(sorted([*BUILTIN_REWARDS, *BUILTIN_FACTORIES]))}) "
             "and not of the form 'package.module:function' or '/path/to/file.py:function'"
         )
     target, attr = spec.rsplit(":", 1)
@@ -206,24 +232,51 @@ def _load_named_module(target: str, spec: str) -> Any:
         ) from e
 
 
-def load_reward_function(name: str) -> RewardFn:
+def _build_factory(spec: str, options: dict[str, Any]) -> RewardFn:
+    """``BUILTIN_FACTORIES[spec](**options)``; a rejected option is a ValueError naming ``spec``."""
+    factory = BUILTIN_FACTORIES[spec]
+    params = inspect.signature(factory).parameters.values()
+    named = [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    unknown = [k for k in options if k not in named]
+    missing = [p.name for p in params if p.default is p.empty and p.name in named and p.name not in options]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
+        raise ValueError(f"reward function {spec!r}: options: unknown {', '.join(map(repr, unknown))} "
+                         f"(accepted: {', '.join(named)})")
+    if missing:
+        raise ValueError(f"reward function {spec!r}: options: missing {', '.join(map(repr, missing))}")
+    try:
+        return factory(**options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"reward function {spec!r}: options: {e}") from e
+
+
+def load_reward_function(name: str, options: Optional[Mapping[str, Any]] = None) -> RewardFn:
     """Resolve a reward-function spec to a callable with the TRL reward signature.
 
     Args:
-        name: a built-in name (``accuracy``, ``format``, ``gsm8k``, ``math``, ``language``),
-            ``package.module:function`` (importable on the worker's ``sys.path``), or
+        name: a built-in name (``accuracy``, ``format``, ``gsm8k``, ``math``, ``language``,
+            ``http``), ``package.module:function`` (importable on the worker's ``sys.path``), or
             ``/path/to/file.py:function`` (a file; relative paths resolve against the
             current directory). ``function`` may be a dotted attribute path (``Class.method``).
+        options: keyword settings of a built-in that takes them (:data:`BUILTIN_FACTORIES`,
+            e.g. ``http``: ``url``, ``timeout_s``, ...); None or empty for every other spec.
     Returns:
-        The callable (plain or ``async def``).
+        The callable (plain or ``async def``); for a factory built-in, ``factory(**options)``.
     Raises:
         ValueError: naming ``name``, when the module or file is missing or fails to import,
             the attribute is missing, it is not callable, or its signature cannot accept
-            ``(prompts, completions, **kwargs)``.
+            ``(prompts, completions, **kwargs)``; when a factory built-in rejects its options
+            (``reward function 'http': options: ...``); when any other spec gets options.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"reward function {name!r}: expected a non-empty string")
     spec = name.strip()
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"reward function {spec!r}: options must be a mapping, got {type(options).__name__}")
+    if spec in BUILTIN_FACTORIES:
+        return _build_factory(spec, dict(options or {}))
+    if options:
+        raise ValueError(f"reward function {spec!r} takes no options (got {', '.join(map(str, options))})")
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     target, attr = _split_spec(spec)
