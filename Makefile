@@ -2,7 +2,7 @@
 VARIANT ?= cpu
 PY := .venv/bin/python
 
-.PHONY: setup run test test-fast test-slow bench
+.PHONY: setup run rm-demo test test-fast test-slow bench
 setup: .venv/.troupe-$(VARIANT)
 
 .venv/.troupe-$(VARIANT): pyproject.toml scripts/setup.sh constraints/$(VARIANT).txt
@@ -11,6 +11,9 @@ setup: .venv/.troupe-$(VARIANT)
 
 run: setup
 	.venv/bin/troupe train configs/arith_cpu.yaml
+
+rm-demo: setup
+	bash scripts/rm_demo.sh
 
 test: setup
 	bash scripts/test.sh

@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"troupe: {e}", file=sys.stderr)
         return 2
     if args.cmd == "check":
+        from troupe.reward.scoring import check_reward_config
+
+        try:
+            check_reward_config(cfg.reward)
+        except ValueError as e:
+            print(f"troupe: {args.config}: {e}", file=sys.stderr)
+            return 2
         print(f"{args.config}: ok ({len(train_rows)} training rows, {len(eval_rows)} held-out rows)")
         return 0
     try:

@@ -3,6 +3,8 @@
 Engines and learner ranks get one bundle each in a single placement group (PACK), so their
 CPUs/GPUs are reserved before anything starts and a run that cannot fit fails at once with
 the resources it asked for. Reward workers with ``num_cpus_per_worker = 0`` float freely.
+Reward-model actors (``reward.models``, ``troupe.reward.router``) are placed by Ray with their own
+``num_cpus``/``num_gpus`` (one GPU each on GPU clusters), outside the placement group.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from troupe.cluster.learners import LearnerGroup
 from troupe.configs.schema import RunConfig
 from troupe.learner.zero import LearnerRank
-from troupe.reward.pool import RewardPool
+from troupe.reward.router import RewardRouter
 from troupe.rollout.engine import RolloutEngine
 from troupe.rollout.engines import EngineGroup
 
@@ -50,7 +52,8 @@ def init_ray(cfg: RunConfig, address: str | None, dashboard: bool = False) -> No
                                   "RAY_AUTH_TOKEN_PATH)") from e
         return
     need = cfg.rollout.num_engines * cfg.rollout.num_cpus_per_engine + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank \
-        + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker
+        + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker \
+        + sum(m.num_workers * m.num_cpus for m in cfg.reward.models)
     # address="local": always a fresh embedded cluster, even where an earlier `ray start --head`
     # left its address file behind (a plain ray.init would try to connect to it)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), runtime_env=env,
@@ -74,11 +77,11 @@ def _bundle_ip(pg, index: int) -> str:
 
 @dataclass
 class Actors:
-    """A run's actors: the engine group, the learner group, the reward pool, and their placement group."""
+    """A run's actors: the engine group, the learner group, the reward lanes, and their placement group."""
 
     engines: EngineGroup
     learners: LearnerGroup
-    rewards: RewardPool
+    rewards: RewardRouter
     pg: object
 
     def single_node(self) -> bool:
@@ -140,6 +143,9 @@ def engine_factory(cfg: RunConfig, model_path: str, pg, bundles: list[dict]) -> 
 def start_actors(cfg: RunConfig, model_path: str, log: Callable[[str], None] = print) -> Actors:
     """Reserve a placement group and start engines, learner ranks and reward workers concurrently.
 
+    Reward workers: a ``troupe.reward.router.RewardRouter`` (a rules lane for ``reward.functions``,
+    one lane of actors per reward model, each asking Ray for the model's ``num_cpus``/``num_gpus``).
+
     The engine group gets ``engine_factory`` to replace dead engines, ``cluster.rpc_timeout_s`` and
     ``cluster.max_engine_failures``; the learner group gets ``cluster.rpc_timeout_s``. ``log`` gets
     the engine group's restart lines. Blocks until all are ready. Raises ``TimeoutError`` if the
@@ -158,7 +164,37 @@ def start_actors(cfg: RunConfig, model_path: str, log: Callable[[str], None] = p
     master_addr, master_port = _bundle_ip(pg, E), _free_port()
     learners = LearnerGroup([Learner.options(**_actor_options(cfg, pg, bundles, E + r)).remote(
         r, n, master_addr, master_port, model_path, cfg) for r in range(n)], rpc_timeout_s=cl.rpc_timeout_s)
-    rewards = RewardPool(cfg.reward)
+    rewards = RewardRouter(cfg.reward)
     engines.ready()
     learners.ready()
     return Actors(engines, learners, rewards, pg)
+
+
+def start_engines(cfg: RunConfig, model_path: str, log: Callable[[str], None] = print) -> tuple[EngineGroup, Any]:
+    """Reserve a placement group for the engines alone and start them: sampling without a learner
+    (``troupe rm pairs`` samples a saved policy).
+
+    The bundles are ``_bundles``' engine bundles and the engines come from ``engine_factory`` (so a
+    dead engine is replaced as in a run), with ``cluster.rpc_timeout_s`` and
+    ``cluster.max_engine_failures``; ``log`` gets the restart lines. Blocks until every engine is
+    ready. Returns ``(engines, placement group)``: the caller shuts the engines down and removes
+    the group. Raises ``TimeoutError`` if the group cannot be reserved in 120 s, and the engine
+    group's ``ActorFailed`` / ``RemoteTimeout`` if an engine fails or hangs while starting (then
+    the engines and the group are already released).
+    """
+    bundles = _bundles(cfg)[:cfg.rollout.num_engines]  # engines first, then learner ranks
+    pg = placement_group(bundles, strategy="PACK")
+    if not pg.wait(timeout_seconds=120):
+        remove_placement_group(pg)
+        raise TimeoutError(f"placement group {bundles} could not be reserved; cluster has {ray.cluster_resources()}")
+    start = engine_factory(cfg, model_path, pg, bundles)
+    cl = cfg.cluster
+    engines = EngineGroup([start(i) for i in range(cfg.rollout.num_engines)], factory=start,
+                          rpc_timeout_s=cl.rpc_timeout_s, max_failures=cl.max_engine_failures, log=log)
+    try:
+        engines.ready()
+    except BaseException:
+        engines.shutdown()
+        remove_placement_group(pg)
+        raise
+    return engines, pg

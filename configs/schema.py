@@ -163,7 +163,7 @@ class RewardModelConfig(_Strict):
     """One learned reward model (``troupe rm train`` output) scoring prompt + response text in its own actors."""
 
     path: str = Field(description="HF AutoModelForSequenceClassification folder (num_labels=1), e.g. a "
-                      "`troupe rm train` model folder; relative to the working directory.")
+                      "`troupe rm train` model folder; relative to the working directory (checked at start).")
     name: str = Field("rm", min_length=1, description="Part name in the metrics (reward/<name>_mean).")
     weight: float = Field(1.0, ge=-1000, le=1000, description="Weight in the combined reward.")
     normalize: bool = Field(True, description="Score (r - mean) / std with the mean/std stored with the model "
@@ -372,6 +372,8 @@ class RunConfig(_Strict):
             raise ValueError("device 'gpu' needs rollout.num_gpus_per_engine > 0 and learner.num_gpus_per_rank > 0")
         if self.device == "cpu" and (self.rollout.num_gpus_per_engine or self.learner.num_gpus_per_rank):
             raise ValueError("device 'cpu' cannot ask for GPUs (rollout.num_gpus_per_engine, learner.num_gpus_per_rank)")
+        if self.device == "cpu" and any(m.num_gpus for m in self.reward.models):
+            raise ValueError("device 'cpu' cannot ask for GPUs (reward.models.N.num_gpus)")
         if self.sft.enabled and not self.data.is_plugin:
             raise ValueError(
                 f"sft.enabled: cold-start SFT examples come from a data-source plugin's cold_start() "
@@ -532,15 +534,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """Read, override and validate a YAML run config.
 
     Relative ``data.path``/``data.eval_path`` resolve against the config file's folder (else the
-    working directory), as do ``reward.models[i].path``.
+    working directory). Model folders (``model.path``, ``reward.models[i].path``) are relative to the
+    working directory, like ``output_dir`` (they are often written by an earlier run) and are checked
+    when the run starts and by ``troupe check`` (``troupe.reward.scoring.check_reward_config``).
     Raises ``ConfigError`` (message names the file and each bad dotted key).
     """
     path = Path(path)
     cfg = _read(path, overrides, RunConfig)
     for key in ("path", "eval_path"):
         _resolve_file(path, cfg.data, key, f"data.{key}")
-    for i, m in enumerate(cfg.reward.models):
-        _resolve_file(path, m, "path", f"reward.models.{i}.path")
     return cfg
 
 

@@ -3,7 +3,16 @@
 ``RewardWorker`` is a plain class (usable without Ray, e.g. in tests); ``RewardPool`` wraps it
 with ``ray.remote`` and starts ``cfg.num_workers`` actors. ``RewardPool.submit`` returns an
 ``ObjectRef`` at once, so the training loop can hand a batch of groups to the pool and go
-back to generation; ``RewardPool.get`` collects the scored groups later.
+back to generation; ``RewardPool.get`` collects the scored groups later. One pool runs one kind
+of scoring; ``troupe.reward.router.RewardRouter`` puts the rule functions and each reward model
+in a pool of their own (lanes) behind the same interface.
+
+What a worker scores at once: with rule functions only, each group is one
+``RewardSet.score`` call (its G samples; a function's batch timeout and per-sample fallback
+stay within the group). A worker holding a reward model (``cfg.models``) scores all samples of
+all groups of a submitted batch in one call, so the model's ``batch_size`` fills up across
+groups; the result is split back per group (``ScoreResult.select``). Every function gets
+``prompt_texts`` (each group's ``prompt.text``, the templated prompt the policy saw).
 
 Fault tolerance, in three layers:
 
@@ -17,7 +26,7 @@ Fault tolerance, in three layers:
    on its first group. If the batch kills that worker as well (a reward function that crashes
    the process on some input, every time), its groups are scored one per task: the others get
    their scores, and a group that kills the worker again is returned scored as failed: every
-   part of every sample counts as ``"exception"`` (reward 0 or None by ``on_failure``) and the
+   applicable part of every sample counts as ``"exception"`` (reward 0 or None by ``on_failure``) and the
    group carries ``failures["worker_died"] = 1``. The run goes on.
 3. Pool, wedged worker: per-call timeouts in ``troupe.reward.scoring`` are thread-based,
    and a thread stuck in C code that holds the GIL (a huge integer power, a catastrophic
@@ -25,7 +34,7 @@ Fault tolerance, in three layers:
    worker (``ping`` runs in its own actor thread, so it answers whenever the interpreter
    runs); no answer within ``heartbeat_s`` means the process is wedged: the pool kills and
    replaces it and resubmits the batch once (``failures["worker_restart"]``). If the batch
-   wedges its second worker too, it is returned scored as failed: every part of every
+   wedges its second worker too, it is returned scored as failed: every applicable part of every
    sample counts as ``"timeout"`` (reward 0 or None by ``on_failure``) and the first group
    carries ``failures["worker_wedged"] = 1``.
 
@@ -47,7 +56,16 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from troupe.configs.schema import RewardConfig
 from troupe.core.steps import step_texts
 from troupe.core.types import Group
-from troupe.reward.scoring import RewardSet, ScoreResult, column_names, part_names, reward_columns
+from troupe.reward.scoring import (
+    UNROUTED,
+    RewardSet,
+    ScoreResult,
+    check_reward_config,
+    column_names,
+    config_parts,
+    reward_columns,
+    route_matches,
+)
 
 __all__ = ["RewardPool", "RewardWorker"]
 
@@ -61,15 +79,16 @@ class RewardWorker:
     """Scores groups with the configured reward functions (one per Ray actor, or in-process).
 
     Args:
-        cfg: the run's RewardConfig; its functions are loaded here (a
+        cfg: the run's RewardConfig; its functions and models are loaded here (a
             :class:`troupe.reward.scoring.RewardSet`, in the worker process, so plugin modules
-            must be importable there).
+            must be importable there and model folders readable).
     Raises:
-        ValueError: a spec cannot be loaded (message names the spec).
+        ValueError: a spec or model cannot be loaded (message names it).
     """
 
     def __init__(self, cfg: RewardConfig) -> None:
         self._rewards = RewardSet(cfg)
+        self._whole_batch = bool(self._rewards.models)  # reward models: one call over all groups
         self._restarted = False
         try:
             if ray.is_initialized():
@@ -91,17 +110,19 @@ class RewardWorker:
         """Score every sample of every group and return the groups filled in.
 
         Each group is scored as one batch (``RewardSet.score``; its samples share the prompt and
-        reference). Reward functions receive ``prompts`` (``prompt.question``), ``completions``
-        (``sample.text``), ``answer`` (``prompt.answer``) and every key of ``prompt.columns``
-        present in any group of the batch (None where a group lacks it; keys named ``answer``
-        or in ``troupe.reward.scoring.RESERVED_COLUMNS`` are skipped).
+        reference), or, when this worker holds a reward model, all groups together (module
+        docstring). Reward functions receive ``prompts`` (``prompt.question``), ``prompt_texts``
+        (``prompt.text``), ``completions`` (``sample.text``), ``answer`` (``prompt.answer``) and
+        every key of ``prompt.columns`` present in any group of the batch (None where a group
+        lacks it; keys named ``answer`` or in ``troupe.reward.scoring.RESERVED_KEYWORDS`` are
+        skipped).
 
         Sets on each group: ``rewards`` ([G] combined reward or None), ``reward_parts``
         (name -> [G]), ``step_rewards`` (process functions only: [G] per-step lists, the
         completions cut by ``step_texts``), and adds to ``failures``: counts per cause
         (``exception``, ``timeout``, ``nan``, ``type``; per function-sample pair), ``none``
-        (function returned None: not a failure, the sample is left out of group statistics)
-        and ``worker_restart``.
+        (function returned None: not a failure, the sample is left out of group statistics),
+        ``unrouted`` (per-row routing: samples no function applies to) and ``worker_restart``.
 
         Args:
             groups: groups with samples.
@@ -109,18 +130,33 @@ class RewardWorker:
             The same groups (in order), scored.
         """
         keys = column_names(g.prompt.columns for g in groups)
-        for g in groups:
-            n = len(g.samples)
-            columns = reward_columns([g.prompt.answer] * n, [g.prompt.columns] * n, keys)
-            res = self._rewards.score([g.prompt.question] * n, [s.text for s in g.samples], columns)
-            _fill_group(g, res)
+        if self._whole_batch and groups:
+            sizes = [len(g.samples) for g in groups]
+            columns = reward_columns([g.prompt.answer for g, n in zip(groups, sizes) for _ in range(n)],
+                                     [g.prompt.columns for g, n in zip(groups, sizes) for _ in range(n)], keys)
+            res = self._rewards.score(
+                [g.prompt.question for g, n in zip(groups, sizes) for _ in range(n)],
+                [s.text for g in groups for s in g.samples], columns,
+                prompt_texts=[g.prompt.text for g, n in zip(groups, sizes) for _ in range(n)])
+            _log_messages(res)
+            start = 0
+            for g, n in zip(groups, sizes):
+                _fill_group(g, res.select(start, start + n), log=False)
+                start += n
+        else:
+            for g in groups:
+                n = len(g.samples)
+                columns = reward_columns([g.prompt.answer] * n, [g.prompt.columns] * n, keys)
+                res = self._rewards.score([g.prompt.question] * n, [s.text for s in g.samples], columns,
+                                          prompt_texts=[g.prompt.text] * n)
+                _fill_group(g, res)
         if self._restarted and groups:
             groups[0].failures["worker_restart"] = groups[0].failures.get("worker_restart", 0) + 1
             self._restarted = False
         return groups
 
 
-def _fill_group(g: Group, res: ScoreResult) -> None:
+def _fill_group(g: Group, res: ScoreResult, log: bool = True) -> None:
     """Copy one group's ScoreResult into it: rewards, parts, step rewards, failure counts."""
     g.rewards = res.rewards
     g.reward_parts = res.parts
@@ -130,6 +166,11 @@ def _fill_group(g: Group, res: ScoreResult) -> None:
         counts["none"] = res.none_count
     for k, v in counts.items():
         g.failures[k] = g.failures.get(k, 0) + v
+    if log:
+        _log_messages(res)
+
+
+def _log_messages(res: ScoreResult) -> None:
     for name, msg in res.messages.items():
         logger.warning("reward %s: %s", name, msg)
 
@@ -142,8 +183,10 @@ class RewardPool:
     """``cfg.num_workers`` reward-worker actors behind a submit / get interface.
 
     Args:
-        cfg: the run's RewardConfig (functions, timeout_s, on_failure, num_workers).
+        cfg: the run's RewardConfig (functions, models, route_by, timeout_s, on_failure,
+            num_workers); every worker loads all of its functions and models.
         num_cpus_per_worker: Ray CPUs per actor; default ``cfg.num_cpus_per_worker``.
+        num_gpus_per_worker: Ray GPUs per actor (a reward model on GPU; default 0).
         max_task_retries: Ray task retries on worker death (-1: unlimited, which retries a batch
             that always kills its worker forever; see module doc).
         heartbeat_s: seconds a busy worker may leave a ping unanswered before it counts as
@@ -152,8 +195,10 @@ class RewardPool:
         wait_ready: block until every actor has loaded its functions (load errors surface
             here instead of at the first ``get``).
     Raises:
-        ValueError: a reward spec cannot be loaded (checked in the driver first unless a
-            ``runtime_env`` is given, then in the workers when ``wait_ready``).
+        ValueError: a reward spec cannot be loaded or a model folder has no readable config.json
+            (checked cheaply in the driver first unless a ``runtime_env`` is given,
+            ``troupe.reward.scoring.check_reward_config``: no model weights are loaded there),
+            then anything that fails to load in the workers when ``wait_ready``.
         RuntimeError: Ray is not initialized.
 
     Usage from the training loop::
@@ -170,6 +215,7 @@ class RewardPool:
         cfg: RewardConfig,
         num_cpus_per_worker: Optional[float] = None,
         *,
+        num_gpus_per_worker: float = 0.0,
         max_task_retries: int = 1,
         heartbeat_s: Optional[float] = -1.0,
         runtime_env: Optional[dict] = None,
@@ -178,15 +224,17 @@ class RewardPool:
         if not ray.is_initialized():
             raise RuntimeError("RewardPool needs Ray: call ray.init() first")
         if runtime_env is None:  # fail fast, in the driver, with the loader's message
-            RewardSet(cfg)
+            check_reward_config(cfg)
         self._cfg = cfg
-        self._names = part_names([f.name for f in cfg.functions])
+        self._parts = config_parts(cfg)
+        self._names = [p.name for p in self._parts]
         self._has_process = any(f.kind == "process" for f in cfg.functions)
         self._on_failure = cfg.on_failure
         self._heartbeat_s = max(60.0, 3.0 * cfg.timeout_s) if heartbeat_s is not None and heartbeat_s < 0 else heartbeat_s
         cpus = cfg.num_cpus_per_worker if num_cpus_per_worker is None else num_cpus_per_worker
         options: dict[str, Any] = dict(
             num_cpus=cpus,
+            num_gpus=num_gpus_per_worker,
             max_restarts=-1,
             max_task_retries=max_task_retries,
             concurrency_groups={_HEALTH_GROUP: 1},
@@ -230,7 +278,9 @@ class RewardPool:
         try:
             ray.get([w.ping.remote() for w in self._workers], timeout=timeout)
         except RayActorError as e:
-            raise ValueError(f"reward workers failed to start: {e}") from e
+            text = str(e)  # Ray's message ends with the constructor's traceback: lead with its last line
+            last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+            raise ValueError(f"reward workers failed to start: {last}\n{text}") from e
 
     def _pick(self) -> int:
         for i, refs in enumerate(self._inflight):
@@ -315,18 +365,27 @@ class RewardPool:
             except RayActorError:
                 pass  # the actor is restarting or gone; the next ray.get(ref) tells which
 
+    def _applicable(self, g: Group) -> list[str]:
+        """The part names that score group ``g`` (per-row routing by ``cfg.route_by``)."""
+        value = g.prompt.columns.get(self._cfg.route_by) if self._cfg.route_by else None
+        return [p.name for p in self._parts if route_matches(p.tasks, value)]
+
     def _failed_batch(self, groups: list[Group], cause: str, flag: str) -> list[Group]:
-        """Copies of ``groups`` with every part of every sample failed with ``cause``, and
-        ``failures[flag] = 1`` on the first (the caller's objects stay untouched)."""
+        """Copies of ``groups`` with every applicable part of every sample failed with ``cause``
+        (a group no part applies to: ``unrouted``), and ``failures[flag] = 1`` on the first (the
+        caller's objects stay untouched)."""
         out = []
         for g in groups:
-            n = len(g.samples)
+            n, applicable = len(g.samples), self._applicable(g)
             failures = dict(g.failures)
-            failures[cause] = failures.get(cause, 0) + n * len(self._names)
+            if applicable:
+                failures[cause] = failures.get(cause, 0) + n * len(applicable)
+            else:
+                failures[UNROUTED] = failures.get(UNROUTED, 0) + n
             out.append(
                 dataclasses.replace(
                     g,
-                    rewards=[0.0 if self._on_failure == "zero" else None] * n,
+                    rewards=[0.0 if self._on_failure == "zero" and applicable else None] * n,
                     reward_parts={name: [None] * n for name in self._names},
                     failures=failures,
                     step_rewards=self._failed_steps(g) if self._has_process else [],
@@ -352,7 +411,7 @@ class RewardPool:
         return out
 
     def _failed_steps(self, g: Group) -> list[Optional[list[float]]]:
-        if self._on_failure == "exclude":
+        if self._on_failure == "exclude" or not self._applicable(g):
             return [None] * len(g.samples)
         return [[0.0] * len(step_texts(smp.text, self._cfg.step_delimiter)) for smp in g.samples]
 

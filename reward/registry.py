@@ -8,7 +8,8 @@ called with keyword arguments: ``prompts`` (the raw questions), ``completions`` 
 texts), and one list per data-set column; ``answer`` (the reference answers as strings) is
 always among the columns. It returns one score per completion; ``None`` means "no score for
 this sample" (the sample is left out of its group's statistics). ``async def`` functions are
-allowed (``troupe.reward.scoring`` runs them with ``asyncio.run``).
+allowed (``troupe.reward.scoring`` runs them with ``asyncio.run``). The reward workers also pass
+``prompt_texts`` (the templated prompts the policy saw, ``Prompt.text``; ``troupe.reward.scoring``).
 
 Process reward functions (config ``kind: process``) also get ``steps`` (per completion, the list
 of its reasoning-step texts) and return per completion a list of one score per step
