@@ -220,7 +220,9 @@ def _train_on_ray(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict],
         return 1
     timings["actor_start_seconds"] = time.time() - t1
     say(f"{cfg.rollout.num_engines} engine(s), {cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage}), "
-        f"{cfg.reward.num_workers} reward worker(s) ready in {timings['actor_start_seconds']:.0f} s")
+        f"{cfg.reward.num_workers if cfg.reward.functions else 0} reward worker(s)"
+        + "".join(f", {m.num_workers} reward-model actor(s) ({m.name})" for m in cfg.reward.models)
+        + f" ready in {timings['actor_start_seconds']:.0f} s")
     try:
         summary = train(cfg, run_dir, actors, eval_prompts, tok.pad_token_id or 0, prompt_stream(prompts, cfg.seed), say,
                         model_path=model_path, resume=resume.path if resume else None)

@@ -13,7 +13,9 @@ Each input row holds a completion and (unless ``--preset``) a reference answer (
 matching row ``index`` (the input's ``index`` field, else its position) of the preset split
 (default split ``test``), and the default reward is the preset's (``gsm8k`` or ``math``).
 Other input fields are passed to reward functions as columns (except those named in
-``troupe.reward.scoring.RESERVED_COLUMNS``). Scoring is ``troupe.reward.scoring.RewardSet``,
+``troupe.reward.scoring.RESERVED_KEYWORDS``). Every function also gets ``prompt_texts``: a row's
+``prompt_text`` field (the templated prompt the policy saw) when present, else its prompt; reward
+models (``reward.models`` in ``--config``) score ``prompt_text + completion``. Scoring is ``troupe.reward.scoring.RewardSet``,
 the same as in the reward workers.
 
 Writes one JSON line per input row: ``{"index", "reward", "parts", "failure"}`` (``failure``:
@@ -259,9 +261,12 @@ def _score(args: argparse.Namespace) -> int:
         prompts, answers = _preset_prompts(args, rows, indices)
     else:
         prompts, answers = _row_prompts(args, rows)
-    read_here = {args.completion_field, args.prompt_field, args.answer_field or "reference", "__line__", "index"}
+    read_here = {args.completion_field, args.prompt_field, args.answer_field or "reference", "__line__", "index",
+                 "prompt_text"}
     columns = reward_columns(answers, rows, column_names(rows, skip=read_here))
-    res = rewards.score(prompts, completions, columns)
+    # what the policy saw (reward models score prompt_text + completion): a row's `prompt_text`, else its prompt
+    prompt_texts = [r["prompt_text"] if isinstance(r.get("prompt_text"), str) else p for r, p in zip(rows, prompts)]
+    res = rewards.score(prompts, completions, columns, prompt_texts=prompt_texts)
     _write_rows(args.out, res, indices, with_steps=bool(rewards.process))
     _print_summary(args.out, res, len(rows))
     return 0

@@ -325,3 +325,29 @@ def test_model_timeout_is_not_retried_per_sample():
     release.set()
     assert time.perf_counter() - t0 < 2.0  # one batch timeout, no 4 per-sample ones
     assert res.failures == {"timeout": 4} and res.rewards == [0.0] * 4
+
+
+def test_troupe_score_with_a_reward_model_uses_prompt_text(tmp_path, rm_dir, capsys):
+    """`troupe score --config` with reward.models: the model scores prompt_text + completion, routed by task."""
+    import json
+
+    import yaml
+
+    from troupe.cluster.score_cli import main as score_main
+    from troupe.reward.model import RewardModelScorer
+
+    (tmp_path / "rm.yaml").write_text(yaml.safe_dump({"reward": {
+        "functions": [{"name": "accuracy", "tasks": ["math"]}], "route_by": "task",
+        "models": [{"path": rm_dir, "name": "rm", "weight": 2.0, "normalize": False, "tasks": ["general"]}]}}))
+    rows = [{"prompt": "1+2", "prompt_text": "Compute 1+2.\n", "completion": "<answer>3</answer>", "answer": "3",
+             "task": "math"},
+            {"prompt": "hi", "prompt_text": "Say hi.\n", "completion": "hello", "answer": "", "task": "general"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert score_main([str(tmp_path / "in.jsonl"), "--config", str(tmp_path / "rm.yaml"),
+                       "--out", str(tmp_path / "out.jsonl")]) == 0
+    out = [json.loads(x) for x in open(tmp_path / "out.jsonl")]
+    expected = RewardModelScorer(rm_dir, normalize=False)(["hi"], ["hello"], prompt_texts=["Say hi.\n"])[0]
+    assert out[0]["parts"] == {"accuracy": 1.0, "rm": None} and out[0]["reward"] == 1.0
+    assert out[1]["parts"]["accuracy"] is None
+    assert out[1]["parts"]["rm"] == pytest.approx(expected, abs=1e-5)
+    assert out[1]["reward"] == pytest.approx(2 * expected, abs=1e-5)
