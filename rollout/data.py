@@ -210,15 +210,20 @@ def _load_jsonl(path: Path, prompt_field: str, answer_field: str, max_rows: Opti
     return rows
 
 
-def _load_parquet(path: Path, prompt_field: str, answer_field: str, max_rows: Optional[int]) -> list[dict]:
+def open_parquet(path: Path) -> Any:
+    """A ``pyarrow.parquet.ParquetFile``; DataError naming ``path`` when it cannot be read."""
     try:
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - pyarrow is a dependency
         raise DataError(f"{path}: reading Parquet needs pyarrow ({e})") from None
     try:
-        pf = pq.ParquetFile(str(path))
+        return pq.ParquetFile(str(path))
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types
         raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+
+def _load_parquet(path: Path, prompt_field: str, answer_field: str, max_rows: Optional[int]) -> list[dict]:
+    pf = open_parquet(path)
     names = pf.schema_arrow.names
     for fld, what in ((prompt_field, "prompt"), (answer_field, "answer")):
         if fld not in names:

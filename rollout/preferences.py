@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from troupe.rollout.data import DataError
+from troupe.rollout.data import DataError, open_parquet
 
 __all__ = ["PreferencePair", "load_pairs", "pair_texts", "split_pairs"]
 
@@ -187,14 +187,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _parquet_rows(path: Path, required: Sequence[str]) -> tuple[list[str], Iterator[tuple[str, Any]]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:  # pragma: no cover - pyarrow is a dependency
-        raise DataError(f"{path}: reading Parquet needs pyarrow ({e})") from None
-    try:
-        pf = pq.ParquetFile(str(path))
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types
-        raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    pf = open_parquet(path)
     names = list(pf.schema_arrow.names)
     for field in required:
         if field not in names:

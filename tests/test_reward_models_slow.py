@@ -21,18 +21,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 G = 3
 
 
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory) -> str:
-    from troupe.core.reward_model import load_reward_model, save_reward_model
-    from troupe.learner.tiny_model import build_tiny_model
-
-    root = tmp_path_factory.mktemp("rm")
-    corpus = ["What is 2+3? The answer is 5.", "Write a poem about the sea.", "<think>x</think><answer>7</answer>",
-              "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"] * 10
-    base = build_tiny_model(str(root / "base"), corpus, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                            intermediate_size=64, max_position_embeddings=256, seed=0)
-    return save_reward_model(load_reward_model(base), str(root / "rm"), base,
-                             stats={"mean": 0.05, "std": 0.5, "count": 40})
 
 
 def _cfg(rm_path: str, **model_kw) -> RewardConfig:
