@@ -44,7 +44,7 @@ def _train(argv: list[str]) -> int:
     except (DataError, ValueError) as e:
         print(f"troupe rm train: {e}", file=sys.stderr)
         return 2
-    except (ActorFailed, RemoteTimeout, TimeoutError) as e:
+    except (ActorFailed, RemoteTimeout, TimeoutError, ConnectionError) as e:
         print(f"troupe rm train: failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -41,21 +40,6 @@ def _texts(pairs: Sequence[Any], tokenizer: Any) -> list[tuple[str, str, Optiona
         prompt, chosen, rejected = pair_texts(p, tokenizer)
         out.append((reward_text(prompt, chosen, eos), reward_text(prompt, rejected, eos), p.margin))
     return out
-
-
-def _init_ray(cfg: RewardModelTrainConfig, address: Optional[str]) -> None:
-    import ray
-
-    address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    if address and address != "local":
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        need = cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), runtime_env=env,
-                 include_dashboard=False, log_to_driver=True)
 
 
 def _start_ranks(cfg: RewardModelTrainConfig, model_path: str) -> tuple[Any, Any]:
@@ -115,6 +99,9 @@ def evaluate_pairs(group: Any, pairs: list[tuple[str, str, Optional[float]]]) ->
 def _model_path(cfg: RewardModelTrainConfig, run_dir: Path, pairs: list[tuple[str, str, Optional[float]]],
                 log: Callable[[str], None]) -> str:
     if not cfg.model.path.startswith("builtin:"):
+        if not (Path(cfg.model.path) / "config.json").exists():
+            raise ValueError(f"model.path: {cfg.model.path!r} is not a model folder (no config.json there; "
+                             f"working directory {Path.cwd()})")
         return cfg.model.path
     from troupe.learner.tiny_model import build_tiny_model
 
@@ -167,7 +154,9 @@ def train_reward_model(cfg: RewardModelTrainConfig, address: Optional[str] = Non
     train, held = _texts(train_pairs, tok), _texts(held_pairs, tok)
     log(f"pairs: {len(train)} train, {len(held)} held out ({d.path})")
 
-    _init_ray(cfg, address)
+    from troupe.cluster.runtime import join_ray
+
+    join_ray(address or cfg.cluster.address, cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank)
     group, pg = None, None
     metrics_file = open(run_dir / "metrics.jsonl", "w")
 

@@ -27,15 +27,23 @@ from troupe.rollout.engines import EngineGroup
 
 
 def init_ray(cfg: RunConfig, address: str | None, dashboard: bool = False) -> None:
-    """Join a Ray cluster, or start an embedded local cluster sized for the run.
+    """Join a Ray cluster, or start an embedded local cluster sized for the run (:func:`join_ray`)."""
+    need = cfg.rollout.num_engines * cfg.rollout.num_cpus_per_engine + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank \
+        + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker \
+        + sum(m.num_workers * m.num_cpus for m in cfg.reward.models)
+    join_ray(address or cfg.cluster.address, need, dashboard)
 
-    The cluster is the first of: ``address`` (``troupe train --address``), ``cfg.cluster.address``,
+
+def join_ray(address: str | None, need_cpus: float, dashboard: bool = False) -> None:
+    """Join a Ray cluster, or start an embedded local cluster with at least ``need_cpus`` CPUs.
+
+    The cluster is the first of: ``address`` (``--address``, else the config's ``cluster.address``),
     RAY_ADDRESS (set by Ray inside a ``ray job submit`` driver); with none of them (or "local") a
     fresh local cluster, whatever address file an earlier ``ray start`` left behind.
     ``dashboard`` starts the Ray dashboard (http://127.0.0.1:8265) with the local cluster.
     Raises ``ConnectionError`` if the cluster cannot be joined (with a hint about token auth).
     """
-    address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
@@ -51,12 +59,9 @@ def init_ray(cfg: RunConfig, address: str | None, dashboard: bool = False) -> No
                                   "its token available here (~/.ray/auth_token, RAY_AUTH_TOKEN or "
                                   "RAY_AUTH_TOKEN_PATH)") from e
         return
-    need = cfg.rollout.num_engines * cfg.rollout.num_cpus_per_engine + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank \
-        + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker \
-        + sum(m.num_workers * m.num_cpus for m in cfg.reward.models)
     # address="local": always a fresh embedded cluster, even where an earlier `ray start --head`
     # left its address file behind (a plain ray.init would try to connect to it)
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), runtime_env=env,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need_cpus + 0.999)), runtime_env=env,
              include_dashboard=dashboard, log_to_driver=True)
 
 

@@ -612,7 +612,7 @@ def config_parts(cfg: "RewardConfig") -> list[RewardPart]:
     Raises:
         ValueError: two parts end up with the same name.
     """
-    functions, models = list(cfg.functions), list(getattr(cfg, "models", None) or [])
+    functions, models = list(cfg.functions), list(cfg.models)
     names = part_names([f.name for f in functions] + [m.name for m in models])
     if len(set(names)) != len(names):
         raise ValueError(f"reward: part names {names} are not unique; rename a reward model (reward.models.N.name)")
@@ -652,10 +652,8 @@ def check_model_folder(path: str, key: str = "models.0") -> None:
 
 
 def _load_function(f: "RewardFunctionConfig") -> Callable:
-    """``load_reward_function`` of a function config; its ``options`` only when it has some
-    (so loaders without the ``options`` parameter keep working)."""
-    options = getattr(f, "options", None)
-    return load_reward_function(f.name, options) if options else load_reward_function(f.name)
+    """``load_reward_function`` of a function config, with its ``options``."""
+    return load_reward_function(f.name, f.options or None)
 
 
 def _load_part(p: RewardPart) -> Callable:
@@ -722,7 +720,7 @@ class RewardSet:
         self.process: frozenset[str] = frozenset(
             p.name for p in self.parts if not p.is_model and p.spec.kind == "process")
         self.models: frozenset[str] = frozenset(p.name for p in self.parts if p.is_model)
-        self.route_by: Optional[str] = getattr(cfg, "route_by", None)
+        self.route_by: Optional[str] = cfg.route_by
         self.timeout_s = float(cfg.timeout_s)
         self.on_failure: Literal["zero", "exclude"] = cfg.on_failure
         self.step_delimiter: str = cfg.step_delimiter
