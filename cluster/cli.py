@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return rm_main(argv[1:])
     args = _parse(argv)
+    from troupe.configs.pipeline import is_pipeline
     from troupe.rollout.data import DataError
+
+    if is_pipeline(args.config):
+        return _pipeline_main(args)
 
     try:
         cfg, train_rows, eval_rows = _load(args)
@@ -95,6 +99,66 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the training loop (e.g. during SFT): everything was stopped on the way out
         print("troupe: stopped", file=sys.stderr)
         return 130
+
+
+def _pipeline_main(args) -> int:
+    """``troupe train|check PIPELINE.yaml``: a file with ``stages:`` (``troupe.cluster.pipeline``)."""
+    from troupe.configs.pipeline import load_pipeline
+    from troupe.rollout.data import DataError
+
+    try:
+        pipe = load_pipeline(args.config, args.overrides)
+        rows = _check_pipeline(pipe)
+    except (ConfigError, DataError, ValueError) as e:
+        print(f"troupe: {e}", file=sys.stderr)
+        return 2
+    if args.cmd == "check":
+        kinds = ", ".join(f"{s.name} ({s.kind})" for s in pipe.stages)
+        print(f"{args.config}: ok (pipeline of {len(pipe.stages)} stages: {kinds}; {rows[0]} training rows, "
+              f"{rows[1]} held-out rows)")
+        return 0
+    if args.resume not in (None, "latest"):
+        print("troupe: --resume of a pipeline takes no path: it continues output_dir/name at its first stage "
+              "that is not done", file=sys.stderr)
+        return 2
+    from troupe.cluster.pipeline import run_pipeline
+
+    pipe.folder.mkdir(parents=True, exist_ok=True)
+    say = _run_logger(pipe.folder).info
+    import signal
+
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return run_pipeline(pipe, args.address, resume=args.resume is not None, say=say)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _check_pipeline(pipe) -> tuple[int, int]:
+    """Check what can be checked before a pipeline starts: every policy stage's data and reward functions
+    (reward-model folders an earlier stage writes are not there yet). Returns the first policy stage's
+    (training rows, held-out rows). Raises ConfigError / DataError / ValueError naming the stage."""
+    from troupe.cluster.prepare import load_task
+    from troupe.reward.scoring import check_reward_config
+
+    inside = str(pipe.folder.resolve())
+    counts = (0, 0)
+    for stage in pipe.stages:
+        if stage.kind == "rm_train":
+            continue
+        cfg = stage.config
+        try:
+            train_rows, eval_rows = load_task(cfg)
+            later = [m for m in cfg.reward.models if str(Path(m.path).resolve()).startswith(inside)]
+            known = cfg.reward.model_copy(update={"models": [m for m in cfg.reward.models if m not in later]})
+            if known.functions or known.models:
+                check_reward_config(known)
+        except (ConfigError, ValueError) as e:
+            raise type(e)(f"{pipe.source}: {stage.label}: {e}") from None
+        if counts == (0, 0):
+            counts = (len(train_rows), len(eval_rows))
+    return counts
 
 
 class ResumePoint(NamedTuple):
@@ -185,7 +249,9 @@ def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], add
 
 
 def _train_on_ray(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], run_dir: Path,
-                  resume: ResumePoint | None, config_path: str, say, t0: float) -> int:
+                  resume: ResumePoint | None, config_path: str, say, t0: float, model_path: str | None = None) -> int:
+    """GRPO on a joined Ray cluster: the model (prepared, resumed, or ``model_path`` as given: a pipeline's
+    previous stage), the actors, ``train``; summary.json in ``run_dir``. Returns the exit status."""
     from transformers import AutoTokenizer
 
     from troupe.cluster import checkpoint
@@ -199,7 +265,7 @@ def _train_on_ray(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict],
         model_path = resume.state["model_path"]
         say(f"resuming from {resume.path}; policy initialised from {model_path}; config changes since: "
             + (", ".join(resume.changes) or "none"))
-    else:
+    elif model_path is None:
         model_path, info = prepare_model(cfg, run_dir, train_rows, say)
     timings["prepare_seconds"] = time.time() - t0
     tok = AutoTokenizer.from_pretrained(model_path)

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["choose_pairs", "main"]
+__all__ = ["choose_pairs", "group_pairs", "main"]
 
 PROG = "troupe rm pairs"
 
@@ -121,8 +121,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, str, list, int]:
     """(config, model folder, prompts, prompts dropped for length), everything checked before Ray starts
     (reward specs too); raises ConfigError / DataError / ValueError / OSError."""
     from troupe.cluster.prepare import load_task
+    from troupe.cluster.sampling import policy_prompts
     from troupe.configs.schema import ConfigError, load_config
-    from troupe.rollout.prompts import build_prompts
 
     cfg = load_config(args.config, args.overrides)
     model = args.model or cfg.model.path
@@ -141,17 +141,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, str, list, int]:
         rows = rows[:args.prompts]
     if not rows:
         raise ValueError(f"the {args.split} split has no rows")
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(model)
-    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
-        raise ValueError(f"--model {model}: cannot load its tokenizer: {type(e).__name__}: {e}") from None
-    d = cfg.data
-    prompts, dropped = build_prompts(rows, tok, template=d.template, prompt_format=d.prompt_format,
-                                     system_prompt=d.system_prompt, max_prompt_tokens=d.max_prompt_tokens)
-    if not prompts:
-        raise ValueError(f"none of the {len(rows)} prompts fits data.max_prompt_tokens = {d.max_prompt_tokens}")
+    prompts, dropped = policy_prompts(cfg, model, rows, "--model")
     return cfg, model, prompts, dropped
 
 
@@ -182,14 +172,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, cfg: Any, model: str, prompts: list, dropped: int) -> int:
     """Start Ray, the reward pool and the engines, sample and write the pairs, stop everything."""
     import ray
-    from ray.util.placement_group import remove_placement_group
     from tqdm import tqdm
 
-    from troupe.cluster.runtime import init_ray, start_engines
-    from troupe.reward.router import RewardRouter
+    from troupe.cluster.runtime import init_ray
+    from troupe.cluster.sampling import PolicySampler
 
     t0 = time.time()
-    engines = pg = rewards = None
+    sampler = PolicySampler(cfg, model)
     try:
         try:
             init_ray(cfg, args.address)
@@ -197,30 +186,27 @@ def _run(args: argparse.Namespace, cfg: Any, model: str, prompts: list, dropped:
             print(f"{PROG}: cannot join the Ray cluster: {e}", file=sys.stderr)
             return 1
         try:
-            rewards = RewardRouter(cfg.reward)  # as a run's; before the engines: a bad spec fails in seconds
+            sampler.start_rewards()  # as a run's; before the engines: a bad spec fails in seconds
         except ValueError as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 2
         try:
-            engines, pg = start_engines(cfg, model, log=tqdm.write)
+            sampler.start_engines(log=tqdm.write)
         except (RuntimeError, TimeoutError) as e:  # ActorFailed, RemoteTimeout
             print(f"{PROG}: engines failed to start: {e}", file=sys.stderr)
             return 1
-        print(f"{PROG}: {len(engines)} engine(s) on {model} ready in {time.time() - t0:.0f} s", flush=True)
+        print(f"{PROG}: {len(sampler.engines)} engine(s) on {model} ready in {time.time() - t0:.0f} s", flush=True)
         try:
-            stats = _sample(args, cfg, engines, rewards, prompts)
+            stats = _sample(args, cfg, sampler, prompts)
         except (RuntimeError, TimeoutError) as e:  # ActorFailed, RemoteTimeout, too many engine failures
             print(f"{PROG}: sampling failed: {e}; {args.out} not written", file=sys.stderr)
             return 1
     finally:
-        for stop in (engines.shutdown if engines is not None else None,
-                     (lambda: remove_placement_group(pg)) if pg is not None else None,
-                     rewards.shutdown if rewards is not None else None, ray.shutdown):
-            if stop is not None:
-                try:
-                    stop()
-                except Exception:  # noqa: BLE001 - best effort on the way out
-                    pass
+        sampler.stop()
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
     scored = stats["scored"]
     print(f"{PROG}: {len(prompts)} prompts x {stats['n']} samples from the {args.split} split"
           + (f" ({dropped} dropped as longer than data.max_prompt_tokens)" if dropped else "")
@@ -231,32 +217,25 @@ def _run(args: argparse.Namespace, cfg: Any, model: str, prompts: list, dropped:
     return 0
 
 
-def _sample(args: argparse.Namespace, cfg: Any, engines: Any, rewards: Any, prompts: list) -> dict:
+def _sample(args: argparse.Namespace, cfg: Any, sampler: Any, prompts: list) -> dict:
     """Sample every prompt in chunks of ``rollout.prompts_per_step``, write the pairs; counts."""
     from tqdm import tqdm
 
-    from troupe.core.types import Sampling
-    from troupe.rollout.prompts import sampling_seeds
+    from troupe.cluster.sampling import policy_sampling
 
-    ro = cfg.rollout
-    n = args.n or ro.group_size
-    sampling = Sampling(n=n, max_new_tokens=ro.max_new_tokens, top_p=ro.top_p,
-                        temperature=ro.temperature if args.temperature is None else args.temperature)
+    n = args.n or cfg.rollout.group_size
+    sampling = policy_sampling(cfg, n, args.temperature)
     stats = {"n": n, "pairs": 0, "groups_with_pair": 0, "tied": 0, "scored": 0, "reward_sum": 0.0}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    step = ro.prompts_per_step
     try:
         with tmp.open("w", encoding="utf-8") as f, tqdm(total=len(prompts), desc="rm pairs", unit="prompt",
                                                         dynamic_ncols=True) as bar:
-            for start in range(0, len(prompts), step):
-                chunk = prompts[start:start + step]
-                positions = list(range(start, start + len(chunk)))
-                groups, _ = engines.generate(chunk, sampling, rewards, seeds=sampling_seeds(cfg.seed, 0, positions))
+            for positions, groups in sampler.chunks(prompts, sampling):
                 for pos, g in zip(positions, groups):
                     _write_group(f, g, pos, args.pairs_per_prompt, cfg.seed, stats)
-                bar.update(len(chunk))
+                bar.update(len(groups))
                 bar.set_postfix(pairs=stats["pairs"])
         os.replace(tmp, out)
     finally:
@@ -264,21 +243,28 @@ def _sample(args: argparse.Namespace, cfg: Any, engines: Any, rewards: Any, prom
     return stats
 
 
+def group_pairs(group: Any, position: int, k: int, seed: int) -> list[dict]:
+    """The pair lines (module docstring: format) of one scored ``troupe.core.types.Group``, the
+    ``position``-th prompt sampled: :func:`choose_pairs` with the RNG of (seed, position)."""
+    texts = [s.text for s in group.samples]
+    p = group.prompt
+    return [{"prompt": p.text, "chosen": texts[c], "rejected": texts[r],
+             "chosen_reward": float(group.rewards[c]), "rejected_reward": float(group.rewards[r]),
+             "question": p.question, "answer": p.answer, "uid": p.uid}
+            for c, r in choose_pairs(texts, group.rewards, k, _pair_rng(seed, position))]
+
+
 def _write_group(f: Any, g: Any, position: int, k: int, seed: int, stats: dict) -> None:
-    texts = [s.text for s in g.samples]
     valid = [r for r in g.rewards if r is not None and math.isfinite(r)]
     stats["scored"] += len(valid)
     stats["reward_sum"] += sum(valid)
     if len(valid) >= 2 and max(valid) == min(valid):
         stats["tied"] += 1
-    chosen = choose_pairs(texts, g.rewards, k, _pair_rng(seed, position))
-    stats["groups_with_pair"] += bool(chosen)
-    stats["pairs"] += len(chosen)
-    p = g.prompt
-    for c, r in chosen:
-        f.write(json.dumps({"prompt": p.text, "chosen": texts[c], "rejected": texts[r],
-                            "chosen_reward": float(g.rewards[c]), "rejected_reward": float(g.rewards[r]),
-                            "question": p.question, "answer": p.answer, "uid": p.uid}) + "\n")
+    lines = group_pairs(g, position, k, seed)
+    stats["groups_with_pair"] += bool(lines)
+    stats["pairs"] += len(lines)
+    for line in lines:
+        f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":

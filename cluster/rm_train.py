@@ -42,34 +42,6 @@ def _texts(pairs: Sequence[Any], tokenizer: Any) -> list[tuple[str, str, Optiona
     return out
 
 
-def _start_ranks(cfg: RewardModelTrainConfig, model_path: str) -> tuple[Any, Any]:
-    """(LearnerGroup of RewardModelRank actors, placement group): one bundle per rank, PACK."""
-    import ray
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from troupe.cluster.learners import LearnerGroup
-    from troupe.cluster.runtime import _bundle_ip, _free_port
-    from troupe.learner.rm_rank import RewardModelRank
-
-    lc, gpu = cfg.learner, cfg.device == "gpu"
-    bundles = [{k: v for k, v in {"CPU": lc.num_cpus_per_rank, "GPU": lc.num_gpus_per_rank if gpu else 0}.items()
-                if v > 0} or {"CPU": 0.01} for _ in range(lc.num_ranks)]
-    pg = placement_group(bundles, strategy="PACK")
-    if not pg.wait(timeout_seconds=120):
-        raise TimeoutError(f"placement group {bundles} could not be reserved; cluster has {ray.cluster_resources()}")
-    env = {"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(lc.torch_threads)}} if not gpu else None
-    Rank = ray.remote(RewardModelRank)
-    addr, port = _bundle_ip(pg, 0), _free_port()
-    ranks = [Rank.options(num_cpus=bundles[r].get("CPU", 0), num_gpus=bundles[r].get("GPU", 0), runtime_env=env,
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
-                                                                               placement_group_bundle_index=r)).remote(
-        r, lc.num_ranks, addr, port, model_path, cfg) for r in range(lc.num_ranks)]
-    group = LearnerGroup(ranks, rpc_timeout_s=cfg.cluster.rpc_timeout_s)
-    group.ready()
-    return group, pg
-
-
 def _rewards(group: Any, texts: list[str]) -> list[float]:
     """Raw rewards of ``texts`` across ranks: equal shares (padded with the first text), rank order."""
     world = len(group)
@@ -154,7 +126,8 @@ def train_reward_model(cfg: RewardModelTrainConfig, address: Optional[str] = Non
     train, held = _texts(train_pairs, tok), _texts(held_pairs, tok)
     log(f"pairs: {len(train)} train, {len(held)} held out ({d.path})")
 
-    from troupe.cluster.runtime import join_ray
+    from troupe.cluster.runtime import join_ray, start_zero_ranks
+    from troupe.learner.rm_rank import RewardModelRank
 
     join_ray(address or cfg.cluster.address, cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank)
     group, pg = None, None
@@ -165,7 +138,8 @@ def train_reward_model(cfg: RewardModelTrainConfig, address: Optional[str] = Non
         metrics_file.flush()
 
     try:
-        group, pg = _start_ranks(cfg, model_path)
+        group, pg = start_zero_ranks(RewardModelRank, cfg.learner, cfg.device, cfg.cluster.rpc_timeout_s,
+                                     model_path, cfg)
         ev = evaluate_pairs(group, held)
         record({"epoch": 0, "step": 0, **ev})
         history = [{"epoch": 0, **ev}]

@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from troupe.cluster.learners import LearnerGroup
-from troupe.configs.schema import RunConfig
+from troupe.configs.schema import LearnerConfig, RunConfig
 from troupe.learner.zero import LearnerRank
 from troupe.reward.router import RewardRouter
 from troupe.rollout.engine import RolloutEngine
@@ -30,7 +30,8 @@ def init_ray(cfg: RunConfig, address: str | None, dashboard: bool = False) -> No
     """Join a Ray cluster, or start an embedded local cluster sized for the run (:func:`join_ray`)."""
     need = cfg.rollout.num_engines * cfg.rollout.num_cpus_per_engine + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank \
         + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker \
-        + sum(m.num_workers * m.num_cpus for m in cfg.reward.models)
+        + sum(m.num_workers * m.num_cpus for m in cfg.reward.models) \
+        + (cfg.reward.iterative.num_cpus if cfg.reward.iterative else 0)
     join_ray(address or cfg.cluster.address, need, dashboard)
 
 
@@ -80,14 +81,63 @@ def _bundle_ip(pg, index: int) -> str:
     return "127.0.0.1"
 
 
+def start_zero_ranks(rank_cls: type, lc: LearnerConfig, device: str, rpc_timeout_s: float,
+                     *args: Any) -> tuple[LearnerGroup, Any]:
+    """Start ``lc.num_ranks`` DeepSpeed ZeRO rank actors alone, in a placement group of their own.
+
+    For trainers without engines (``troupe rm train``: ``RewardModelRank``; SFT: ``SFTRank``).
+    One bundle per rank (``lc.num_cpus_per_rank`` CPUs, ``lc.num_gpus_per_rank`` GPUs on
+    ``device`` "gpu"), PACK; rank r is ``rank_cls(r, lc.num_ranks, master_addr, master_port, *args)``
+    in bundle r, the rendezvous on bundle 0's node. Blocks until every rank is ready.
+
+    Args:
+        rank_cls: a ``troupe.learner.zero.ZeroRank`` subclass (plain class; made a Ray actor here).
+        lc: the ``learner`` section.
+        device: "cpu" (gloo; DS_ACCELERATOR=cpu, OMP_NUM_THREADS=learner.torch_threads) or "gpu".
+        rpc_timeout_s: the group's longest wait for one call (``cluster.rpc_timeout_s``).
+        *args: the rank class's arguments after the four group ones.
+    Returns:
+        ``(LearnerGroup, placement group)``: the caller shuts the group down and removes the placement group.
+    Raises:
+        TimeoutError: the placement group cannot be reserved in 120 s (lists what was asked for).
+        troupe.core.rpc.ActorFailed / RemoteTimeout: a rank fails or hangs while starting (the ranks
+            and the placement group are released first).
+    """
+    gpu = device == "gpu"
+    bundles = [{k: v for k, v in {"CPU": lc.num_cpus_per_rank, "GPU": lc.num_gpus_per_rank if gpu else 0}.items()
+                if v > 0} or {"CPU": 0.01} for _ in range(lc.num_ranks)]
+    pg = placement_group(bundles, strategy="PACK")
+    if not pg.wait(timeout_seconds=120):
+        remove_placement_group(pg)
+        raise TimeoutError(f"placement group {bundles} could not be reserved; cluster has {ray.cluster_resources()}")
+    env = {"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(lc.torch_threads)}} if not gpu else None
+    Rank = ray.remote(rank_cls)
+    addr, port = _bundle_ip(pg, 0), _free_port()
+    ranks = [Rank.options(num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), runtime_env=env,
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                               placement_group_bundle_index=r)).remote(
+        r, lc.num_ranks, addr, port, *args) for r, b in enumerate(bundles)]
+    group = LearnerGroup(ranks, rpc_timeout_s=rpc_timeout_s)
+    try:
+        group.ready()
+    except BaseException:
+        group.shutdown()
+        remove_placement_group(pg)
+        raise
+    return group, pg
+
+
 @dataclass
 class Actors:
-    """A run's actors: the engine group, the learner group, the reward lanes, and their placement group."""
+    """A run's actors: the engine group, the learner group, the reward lanes, and their placement group;
+    with ``reward.iterative``, the reward-model trainer (``troupe.cluster.iterative.IterativeRewardModel``,
+    set by ``troupe.cluster.train.train``, which knows the run directory)."""
 
     engines: EngineGroup
     learners: LearnerGroup
     rewards: RewardRouter
     pg: object
+    iterative: Optional[Any] = None
 
     def single_node(self) -> bool:
         """True when Ray has one alive node (decides the weight-sync strategy)."""
@@ -95,6 +145,8 @@ class Actors:
 
     def shutdown(self) -> None:
         """Kill the actors and free the placement group."""
+        if self.iterative is not None:
+            self.iterative.shutdown()
         self.engines.shutdown()
         self.learners.shutdown()
         self.rewards.shutdown()

@@ -3,6 +3,8 @@
     for each step:
         sample a batch of prompts; engines draw G responses each (policy version v)
         reward workers score the groups while later chunks are still generating
+        [reward.iterative: pairs from the groups; every K steps the reward model trains on them and its
+         actors load the new weights (troupe.cluster.iterative)]
         [dynamic sampling: drop groups that are not informative, refill from more prompts]
         learner ranks: old/ref log-probs, reward shaping, advantages, clipped update (+ KL)
         every sync.every steps: weights -> engines as version v+1; check engine/learner logprobs agree
@@ -132,6 +134,7 @@ class RunState:
     model_path: str = ""
     run_dir: str = ""
     eval_start: dict = field(default_factory=dict)
+    iterative: dict = field(default_factory=dict)  # IterativeRewardModel.state_dict() (reward.iterative)
 
 
 class RunStopped(Exception):
@@ -196,6 +199,9 @@ def run_step(step: int, cfg: RunConfig, actors: Actors, sync: WeightSync, stream
     t_step, restarts = time.time(), actors.engines.restarts
     groups, record = collect_groups(actors, stream, cfg, step)
     record.update(rollout_metrics(groups))
+    if actors.iterative is not None:  # iterative RL: new reward-model weights score the next step's samples
+        record.update(actors.iterative.step(step, groups, actors.rewards))
+        state.iterative = actors.iterative.state_dict()
     batch = collate_groups(groups, pad_id, mask_truncated=cfg.algo.mask_truncated)
     t_learn = time.time()
     record.update(actors.learners.train_step(batch), **{"time/learn": time.time() - t_learn})
@@ -236,8 +242,14 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
         shutil.copyfile(resume / "metrics.jsonl", run_dir / "metrics.jsonl")
     writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
     try:
+        if cfg.reward.iterative is not None and actors.iterative is None:
+            from troupe.cluster.iterative import IterativeRewardModel
+
+            actors.iterative = IterativeRewardModel(cfg, run_dir, say)
         if resume is not None:
             state = resume_from(resume, actors, sync, stream, eval_prompts, say)
+            if actors.iterative is not None and state.iterative:
+                actors.iterative.load_state_dict(state.iterative, actors.rewards)
         else:
             # absolute, so that --resume works from any working directory
             local = Path(model_path).exists()

@@ -179,6 +179,38 @@ class RewardModelConfig(_Strict):
         None, description="Per-row routing: score only rows whose reward.route_by column is one of these.")
 
 
+class IterativeRMConfig(_Strict):
+    """DeepSeekMath's iterative RL (arXiv 2402.03300, 4.2 / Algorithm 1): every ``every`` policy steps the
+    reward model is trained further on pairs from the policy's recent samples (label: a reward function's
+    per-sample score, highest chosen vs lowest rejected within a group) plus a replay share of its earlier
+    data, and its actors load the new weights (``troupe.cluster.iterative``)."""
+
+    every: int = Field(ge=1, le=10**7, description="Retrain the reward model every this many policy steps; the "
+                       "new weights score the samples of the steps after it.")
+    model: Optional[str] = Field(None, min_length=1, description="The `name` of the reward model in reward.models "
+                                 "to retrain (null: the only one).")
+    label: str = Field("accuracy", min_length=1, description="The reward.functions `name` whose per-sample score labels "
+                       "the pairs (usually weight 0, e.g. the verifier 'accuracy'): in each group a sample with the "
+                       "highest score is chosen against one with the lowest, when they differ (troupe rm pairs' rule).")
+    pairs_per_round: int = Field(256, ge=1, le=10**7, description="At most this many fresh pairs per round: the most "
+                                 "recent ones collected since the last round.")
+    pairs_per_prompt: int = Field(1, ge=1, le=1024, description="At most this many pairs from one group.")
+    replay: float = Field(0.1, ge=0.0, lt=1.0, description="Share of a round's training pairs drawn (seeded, without "
+                          "replacement) from earlier data (`data` and earlier rounds' fresh pairs): "
+                          "replay / (1 - replay) * fresh of them, rounded half up, at most the pool's size.")
+    epochs: int = Field(1, ge=1, le=1000, description="Passes over a round's fresh + replay pairs.")
+    lr: float = Field(1e-4, gt=0.0, le=1.0, description="AdamW learning rate of the reward-model trainer.")
+    batch_size: int = Field(32, ge=1, le=65536, description="Pairs per optimizer step (one forward; a round's last "
+                            "batch may be smaller).")
+    max_length: Optional[int] = Field(None, ge=8, le=1048576, description="Trainer text length in tokens (null: the "
+                                      "reward model's own max_length, so that training and scoring cut texts alike).")
+    data: Optional[str] = Field(None, description="The reward model's original preference pairs (JSONL/Parquet, "
+                                "TRL columns prompt/chosen/rejected; relative to the config file or absolute): the "
+                                "first replay pool. Null: replay draws from earlier rounds only.")
+    num_cpus: float = Field(0.0, ge=0.0, description="Ray CPUs reserved for the trainer rank (it trains only during "
+                            "a round; 0 shares the CPUs of the paused loop).")
+
+
 class RewardConfig(_Strict):
     """Reward workers and the functions they apply."""
 
@@ -203,6 +235,17 @@ class RewardConfig(_Strict):
         description="Process supervision: completions are cut into reasoning steps here (TRL PRMTrainer's "
         "step_separator; the arithmetic demo uses ',').",
     )
+    iterative: Optional[IterativeRMConfig] = Field(
+        None, description="Iterative RL: retrain a reward model on the policy's own samples during the run "
+        "(null: the reward models stay as loaded).")
+
+    @property
+    def iterative_model(self) -> Optional["RewardModelConfig"]:
+        """The reward model ``iterative`` retrains (None without ``iterative``)."""
+        it = self.iterative
+        if it is None:
+            return None
+        return next(m for m in self.models if it.model is None or m.name == it.model)
 
     @model_validator(mode="after")
     def _check(self) -> "RewardConfig":
@@ -219,7 +262,23 @@ class RewardConfig(_Strict):
         if any(m.kind == "process" for m in self.functions) and self.models:
             raise ValueError("reward.models with a process function: reward models give one outcome score per "
                              "sample; use them with outcome functions")
+        if self.iterative is not None:
+            self._check_iterative(self.iterative)
         return self
+
+    def _check_iterative(self, it: IterativeRMConfig) -> None:
+        models = [m.name for m in self.models]
+        if not models:
+            raise ValueError("reward.iterative retrains a reward model: reward.models is empty")
+        if it.model is None and len(models) > 1:
+            raise ValueError(f"reward.iterative.model: reward.models has {len(models)} models {models}; name the one "
+                             "to retrain")
+        if it.model is not None and it.model not in models:
+            raise ValueError(f"reward.iterative.model: {it.model!r} is not a reward.models name {models}")
+        functions = [f.name for f in self.functions]
+        if it.label not in functions:
+            raise ValueError(f"reward.iterative.label: {it.label!r} is not a reward.functions name {functions}; the "
+                             "label is a function's per-sample score (add it with weight 0 to only label)")
 
 
 class AlgoConfig(_Strict):
@@ -325,6 +384,73 @@ class SFTConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="Sequences per step (all ranks).")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="SFT learning rate.")
     num_examples: int = Field(2000, ge=1, description="Training rows given to cold_start() (it may add examples).")
+    path: Optional[str] = Field(None, description="Pipeline sft stages: a JSONL of {prompt, completion} to fine-tune "
+                                "on instead of the data-source plugin's cold_start() (relative to the config file).")
+
+
+REJECTION_FILTERS = ("correct", "format", "language", "length", "dedup")
+"""Names of the rejection-sampling filters (``troupe.reward.rejection.FILTERS``)."""
+
+
+class GeneralSFTConfig(_Strict):
+    """General (non-reasoning) SFT data mixed into the rejection-sampled set (DeepSeek-R1 2.3.3)."""
+
+    path: str = Field(description="JSONL of {\"prompt\", \"completion\"} lines (prompt used verbatim), relative "
+                      "to the config file or absolute.")
+    fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Share of the final SFT set drawn from this file: "
+                            "round(fraction / (1 - fraction) * kept) rows, at most the file's rows, seeded draw "
+                            "(R1: ~200k general of ~800k, 0.25).")
+
+
+class RejectionSamplingConfig(_Strict):
+    """DeepSeek-R1's rejection-sampling stage (arXiv 2501.12948, 2.3.3): sample a policy, keep what passes
+    the filters, write an SFT data set (``troupe.cluster.rejection``). Read only by that stage."""
+
+    num_prompts: int = Field(512, ge=1, le=10**8, description="Training rows sampled: the first N in load_task order.")
+    n: int = Field(8, ge=1, le=1024, description="Samples per prompt.")
+    temperature: Optional[float] = Field(None, gt=0.0, le=10.0, description="Sampling temperature "
+                                         "(null: rollout.temperature).")
+    filters: list[Literal[REJECTION_FILTERS]] = Field(
+        default_factory=lambda: ["correct", "format", "dedup"],
+        description="Filters applied in this order; a removed sample is counted under the first one it fails. "
+        "correct: the verifier; format: <think>/<answer>; language: one language in the CoT; length: not "
+        "truncated and at most max_tokens; dedup: no repeated text within a prompt.")
+    correct_function: Optional[str] = Field(
+        None, min_length=1, description="A reward.functions name whose per-sample score defines verifier-correct "
+        "(filter 'correct'); null: 'accuracy', checked when the stage starts (so that configs whose reward has no "
+        "'accuracy' stay valid without this section).")
+    correct_threshold: float = Field(1.0, ge=-1e6, le=1e6, description="Filter 'correct': the score of "
+                                     "correct_function must be >= this (an unscored sample fails).")
+    min_language: float = Field(1.0, ge=0.0, le=1.0, description="Filter 'language': language_consistency_reward "
+                                "of the completion vs the row's question must be >= this.")
+    max_tokens: Optional[int] = Field(None, ge=1, description="Filter 'length': at most this many response tokens "
+                                      "(truncated responses always fail it; null: only that).")
+    max_per_prompt: int = Field(2, ge=1, le=1024, description="Keep at most this many samples per prompt: the first "
+                                "ones that pass, in sample order.")
+    general_sft: Optional[GeneralSFTConfig] = Field(None, description="General SFT data to mix in (null: none).")
+
+    @field_validator("filters")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({f for f in v if v.count(f) > 1})
+        if dup:
+            raise ValueError(f"filters {dup} are listed twice")
+        return v
+
+    @property
+    def correct_name(self) -> str:
+        """The reward part filter 'correct' reads: ``correct_function``, default 'accuracy'."""
+        return self.correct_function or "accuracy"
+
+    def check_reward(self, reward: "RewardConfig", *, default_too: bool = False) -> None:
+        """ValueError naming ``rejection.correct_function`` when filter 'correct' is on and the function is
+        not a ``reward.functions`` name; an unset one (default 'accuracy') only with ``default_too``."""
+        if "correct" not in self.filters or (self.correct_function is None and not default_too):
+            return
+        names = [f.name for f in reward.functions]
+        if self.correct_name not in names:
+            raise ValueError(f"rejection.correct_function {self.correct_name!r} is not a reward.functions name "
+                             f"({names}); filter 'correct' reads that function's score")
 
 
 class RunConfig(_Strict):
@@ -348,6 +474,9 @@ class RunConfig(_Strict):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    rejection: RejectionSamplingConfig = Field(
+        default_factory=RejectionSamplingConfig,
+        description="Rejection-sampling stage settings (pipeline stages of kind rejection_sampling only).")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "RunConfig":
@@ -393,6 +522,7 @@ class RunConfig(_Strict):
                              f"{self.sync.every}: a checkpoint is taken when the engines hold the learner's weights")
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
+        self.rejection.check_reward(self.reward)
         return self
 
     @property
@@ -515,9 +645,10 @@ def _read(path: Path, overrides: list[str] | None, cls: type[BaseModel]) -> Any:
         raise ConfigError(_format_errors(e, str(path))) from None
 
 
-def _resolve_file(path: Path, section: Any, key: str, where: str) -> None:
+def _resolve_file(path: Path, section: Any, key: str, where: str, must_exist: bool = True) -> None:
     """Make ``section.key`` absolute: relative to the config file's folder, else to the working directory;
-    ConfigError naming ``where`` when the file does not exist."""
+    ConfigError naming ``where`` when the file does not exist (unless ``must_exist`` is False: a file an
+    earlier command writes, checked when the run starts)."""
     val = getattr(section, key)
     if not val:
         return
@@ -526,7 +657,7 @@ def _resolve_file(path: Path, section: Any, key: str, where: str) -> None:
         if not cand.exists() and Path(val).exists():
             cand = Path(val).resolve()
         setattr(section, key, str(cand))
-    if not Path(getattr(section, key)).exists():
+    if must_exist and not Path(getattr(section, key)).exists():
         raise ConfigError(f"{path}: {where}: file not found: {getattr(section, key)}")
 
 
@@ -536,13 +667,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     Relative ``data.path``/``data.eval_path`` resolve against the config file's folder (else the
     working directory). Model folders (``model.path``, ``reward.models[i].path``) are relative to the
     working directory, like ``output_dir`` (they are often written by an earlier run) and are checked
-    when the run starts and by ``troupe check`` (``troupe.reward.scoring.check_reward_config``).
+    when the run starts and by ``troupe check`` (``troupe.reward.scoring.check_reward_config``);
+    ``reward.iterative.data`` resolves like ``data.path`` but, as those folders, is checked there.
     Raises ``ConfigError`` (message names the file and each bad dotted key).
     """
     path = Path(path)
     cfg = _read(path, overrides, RunConfig)
     for key in ("path", "eval_path"):
         _resolve_file(path, cfg.data, key, f"data.{key}")
+    if cfg.rejection.general_sft is not None:
+        _resolve_file(path, cfg.rejection.general_sft, "path", "rejection.general_sft.path")
+    _resolve_file(path, cfg.sft, "path", "sft.path")
+    if cfg.reward.iterative is not None:
+        _resolve_file(path, cfg.reward.iterative, "data", "reward.iterative.data", must_exist=False)
     return cfg
 
 
@@ -569,6 +706,8 @@ __all__ = [
     "ClusterConfig",
     "ConfigError",
     "DataConfig",
+    "GeneralSFTConfig",
+    "IterativeRMConfig",
     "LearnerConfig",
     "ModelConfig",
     "RewardConfig",
@@ -577,6 +716,8 @@ __all__ = [
     "RewardModelTrainConfig",
     "RewardModelTrainSettings",
     "PreferenceDataConfig",
+    "REJECTION_FILTERS",
+    "RejectionSamplingConfig",
     "RolloutConfig",
     "RunConfig",
     "SFTConfig",

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any
+import re
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -44,6 +45,13 @@ from troupe.reward.registry import accuracy
 
 PROMPT_FORMAT = "Compute {question}. Think in <think></think>, answer in <answer></answer>.\n"
 """Raw prompt template (data.template 'raw'); the response starts with ``<think>``."""
+
+ZH_PROMPT_FORMAT = "计算{question}。在<think></think>中思考，在<answer></answer>中回答。"
+"""The Chinese instruction of a row with ``lang: zh`` (``ArithOptions.zh_share``); the R1 preset's
+language-consistency reward then asks the reasoning to stay in Chinese."""
+
+CONCLUSION = {"en": "so", "zh": "所以"}
+"""The word before the result in a worked solution, per prompt language."""
 
 EVAL_FRACTION = 0.2
 """Share of operand tuples that belong to the held-out split."""
@@ -110,13 +118,17 @@ def arith_rows(
 
 
 def _operands(question: str) -> list[int]:
+    """The operands of the addition in ``question`` ("37+48", or an instruction that contains it)."""
+    m = re.search(r"\d+(?:\+\d+)+", question)
+    if m and not question.replace("+", "").isdigit():
+        question = m.group(0)
     parts = question.split("+")
     if len(parts) < 2 or not all(p.isdigit() for p in parts):
         raise ValueError(f"not an addition question: {question!r}")
     return [int(p) for p in parts]
 
 
-def worked_solution(row: dict, *, forget_carry: bool = False) -> str:
+def worked_solution(row: dict, *, forget_carry: bool = False, conclusion: str = "so") -> str:
     """The cold-start response for ``row``: column addition, then the tagged answer.
 
     Each column adds the operands' digits (missing digits omitted) plus the incoming carry,
@@ -127,7 +139,7 @@ def worked_solution(row: dict, *, forget_carry: bool = False) -> str:
     column that has digits (``7+8=15,6+4=10,so 105``): an internally consistent worked
     solution with the classic carry slip, and a wrong answer whenever a carry occurs. Used to
     build an imperfect cold-start set (``cold_start_examples``) whose systematic error GRPO
-    then has to remove.
+    then has to remove. ``conclusion`` is the word before the result (``CONCLUSION[lang]``).
     """
     nums = _operands(row["question"])
     width = max(len(str(x)) for x in nums)
@@ -145,7 +157,7 @@ def worked_solution(row: dict, *, forget_carry: bool = False) -> str:
     result = str(int((str(carry) if carry else "") + "".join(str(d) for d in reversed(digits))))
     if not forget_carry:
         assert result == str(sum(nums)), (row, result)
-    return f"<think>{','.join(steps)},so {result}</think><answer>{result}</answer>"
+    return f"<think>{','.join(steps)},{conclusion} {result}</think><answer>{result}</answer>"
 
 
 def cold_start_examples(
@@ -155,6 +167,7 @@ def cold_start_examples(
     carry_slip: float = 0.0,
     triples: float = 0.0,
     seed: int = 0,
+    zh_mixing: float = 0.0,
 ) -> list[tuple[str, str]]:
     """(prompt, worked solution) pairs for the cold-start SFT.
 
@@ -170,6 +183,10 @@ def cold_start_examples(
             (``6+4+1``) so the model learns the three-term digit sums that a kept carry needs
             (``6+4+1=11``) even when most two-operand demonstrations drop the carry.
         seed: which rows are sloppy, which triples, and the final shuffle.
+        zh_mixing: share of the Chinese rows (``lang: zh``) whose solution concludes with the
+            English "so" instead of "所以": the language mixing DeepSeek-R1 saw in its RL, which a
+            language-consistency reward then removes. When rows carry instructions (``lang`` set),
+            the triples are wrapped in the English instruction too.
 
     Returns:
         the pairs, shuffled when ``triples`` adds rows.
@@ -178,12 +195,33 @@ def cold_start_examples(
     out = []
     for r in rows:
         sloppy = carry_slip > 0 and rng.random() < carry_slip
-        out.append((prompt_format.format(question=r["question"]), worked_solution(r, forget_carry=sloppy)))
+        lang = r.get("lang", "en")
+        mixed = lang == "zh" and zh_mixing > 0 and rng.random() < zh_mixing
+        word = CONCLUSION["en" if mixed else lang]
+        out.append((prompt_format.format(question=r["question"]), worked_solution(r, forget_carry=sloppy, conclusion=word)))
     n_triples = int(triples * len(rows))
     if n_triples:
         extra = arith_rows(n_triples, seed, 9, "train", num_operands=3)
+        if any("lang" in r for r in rows):
+            extra = localize(extra, 0.0, seed, "train")
         out += [(prompt_format.format(question=r["question"]), worked_solution(r)) for r in extra]
         rng.shuffle(out)
+    return out
+
+
+def localize(rows: list[dict], zh_share: float, seed: int, split: str) -> list[dict]:
+    """Rows whose ``question`` is the whole instruction, English (``PROMPT_FORMAT``) or, for a seeded
+    ``zh_share`` of them, Chinese (``ZH_PROMPT_FORMAT``), with a ``lang`` column ("en" / "zh").
+
+    Use with ``data.prompt_format: "{question}\n"``; the operands stay recoverable from the text
+    (``worked_solution``, ``arith_steps`` read them from it).
+    """
+    rng = random.Random(f"lang:{seed}:{split}")
+    out = []
+    for r in rows:
+        zh = zh_share > 0 and rng.random() < zh_share
+        text = (ZH_PROMPT_FORMAT if zh else PROMPT_FORMAT.rstrip("\n")).format(question=r["question"])
+        out.append({**r, "question": text, "lang": "zh" if zh else "en"})
     return out
 
 
@@ -227,6 +265,13 @@ class ArithOptions(BaseModel):
         "(imperfect cold-start data whose systematic error RL has to remove).")
     triples: float = Field(0.0, ge=0.0, le=10.0,
                            description="Cold start: extra correct three-term digit sums, as a share of sft.num_examples.")
+    zh_share: Optional[float] = Field(
+        None, ge=0.0, le=1.0,
+        description="None: questions are bare additions ('37+48') for data.prompt_format. A number: every question "
+        "is a whole instruction (use data.prompt_format '{question}\\n'), this share of them in Chinese, with a "
+        "`lang` column: prompts that invite language mixing (the R1 preset's language-consistency reward).")
+    zh_mixing: float = Field(0.0, ge=0.0, le=1.0, description="Cold start: share of Chinese-prompt solutions that "
+                             "conclude in English ('so' instead of '所以'): language mixing for RL to remove.")
 
     @model_validator(mode="after")
     def _check(self) -> "ArithOptions":
@@ -246,15 +291,17 @@ class ArithTask:
         kw = dict(num_operands=options.num_operands, min_operand=options.min_operand)
         train = arith_rows(options.num_train, seed, options.max_operand, "train", **kw)
         held = arith_rows(num_eval, seed, options.max_operand, "eval", **kw)
+        if options.zh_share is not None:
+            train, held = localize(train, options.zh_share, seed, "train"), localize(held, options.zh_share, seed, "eval")
         return train, held
 
     @staticmethod
     def cold_start(rows: list[dict], options: ArithOptions, seed: int) -> list[tuple[str, str]]:
         """(question, worked solution) pairs: :func:`cold_start_examples` with the options' carry_slip and triples."""
         return cold_start_examples(rows, prompt_format="{question}", carry_slip=options.carry_slip,
-                                   triples=options.triples, seed=seed)
+                                   triples=options.triples, seed=seed, zh_mixing=options.zh_mixing)
 
     @staticmethod
     def tokenizer_corpus(rows: list[dict]) -> list[str]:
         """The worked solutions of ``rows``: the text the tiny tokenizer must cover besides the prompts."""
-        return [worked_solution(r) for r in rows]
+        return [worked_solution(r, conclusion=CONCLUSION[r.get("lang", "en")]) for r in rows]

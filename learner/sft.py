@@ -7,6 +7,11 @@ an HF directory (safetensors, tokenizer copied) that the GRPO stage starts from.
 
 Prompt and completion are tokenized separately and concatenated, exactly as the engines see
 them at RL time (the prompt tokenized alone, the response generated after it).
+
+The encoding, collation, schedule, batching and the split-invariant loss share
+(``encode_examples``, ``collate_examples``, ``lr_schedule``, ``batch_indices``,
+``completion_loss_share``) are also what the DeepSpeed ZeRO SFT ranks use
+(``troupe.learner.sft_rank``, ``troupe.cluster.sft_train``).
 """
 
 from __future__ import annotations
@@ -17,13 +22,19 @@ import time
 from typing import Callable, Iterator, Sequence
 
 
-def _encode(tok, examples: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+def encode_examples(tok, examples: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids + [EOS]) per (prompt, completion) pair, each text tokenized alone
+    without special tokens (as the engines see a prompt at RL time). Used by ``run_sft`` and by
+    ``troupe.cluster.sft_train.train_sft`` (the DeepSpeed ZeRO ranks)."""
     prompts = tok([p for p, _ in examples], add_special_tokens=False)["input_ids"]
     comps = tok([c for _, c in examples], add_special_tokens=False)["input_ids"]
     return [(p, c + [tok.eos_token_id]) for p, c in zip(prompts, comps)]
 
 
-def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+def collate_examples(batch: Sequence[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded ``(input_ids, attention_mask, labels)``, each [N, W] long (W: the longest prompt +
+    completion); labels are the completion ids at their positions and -100 elsewhere (prompt,
+    padding), so a causal-LM loss covers the completion (with its EOS) only."""
     import torch
 
     width = max(len(p) + len(c) for p, c in batch)
@@ -51,7 +62,7 @@ def _adamw(model, lr: float, weight_decay: float):
     )
 
 
-def _lr_schedule(lr: float, steps: int, warmup: int, min_lr_ratio: float) -> Callable[[int], float]:
+def lr_schedule(lr: float, steps: int, warmup: int, min_lr_ratio: float) -> Callable[[int], float]:
     """Learning rate at a step: linear warmup over ``warmup`` steps, then cosine decay to ``min_lr_ratio * lr``."""
 
     def lr_at(step: int) -> float:
@@ -63,7 +74,47 @@ def _lr_schedule(lr: float, steps: int, warmup: int, min_lr_ratio: float) -> Cal
     return lr_at
 
 
-def _batch_indices(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+def default_warmup(steps: int) -> int:
+    """Warm-up steps when none are given: 5% of ``steps``, at least 1."""
+    return max(1, steps // 20)
+
+
+def target_tokens(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> int:
+    """Completion tokens that get a loss in ``examples`` (encoded pairs): every completion token
+    (its EOS included) except a first one with no prompt before it (nothing predicts it)."""
+    return sum(len(c) - (0 if p else 1) for p, c in examples)
+
+
+def completion_loss_share(logits, labels, step_tokens: int):
+    """This micro-batch's share of the step's token-mean SFT loss: a 0-d float32 tensor.
+
+    ``sum over the micro-batch's completion tokens of -log p(token | prefix) / step_tokens``,
+    where ``step_tokens`` counts the completion tokens of the whole optimizer step (every rank,
+    every micro-batch; :func:`target_tokens`). Summed over the step's micro-batches and ranks the
+    shares give the token mean over the step, whatever the split (split invariance: each
+    micro-batch is weighted by its token count, not 1 / number of micro-batches). The loss mask
+    is OpenRLHF's SFT convention (labels -100 on prompt and padding: only the response and its
+    EOS are learned).
+
+    Args:
+        logits: [N, W, V] causal-LM logits (any float dtype; the loss is computed in float32).
+        labels: [N, W] long, -100 where there is no target (``collate_examples``).
+        step_tokens: completion tokens of the whole step (> 0).
+    Raises:
+        ValueError: ``step_tokens`` < 1.
+    """
+    import torch.nn.functional as F
+
+    if step_tokens < 1:
+        raise ValueError(f"step_tokens must be >= 1, got {step_tokens}")
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                            ignore_index=-100, reduction="sum")
+    return total / step_tokens
+
+
+def batch_indices(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
     """Endless batches of example indices: epochs shuffled by ``rng``, a batch may span two epochs."""
     order: list[int] = []
     while True:
@@ -139,16 +190,17 @@ def run_sft(
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
-    data = _encode(tok, examples)
+    data = encode_examples(tok, examples)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    warmup = max(1, steps // 20) if warmup_steps is None else max(0, warmup_steps)
+    warmup = default_warmup(steps) if warmup_steps is None else max(0, warmup_steps)
     opt = _adamw(model, lr, weight_decay)
-    lr_at = _lr_schedule(lr, steps, warmup, min_lr_ratio)
-    batches = _batch_indices(len(data), batch_size, rng)
+    lr_at = lr_schedule(lr, steps, warmup, min_lr_ratio)
+    batches = batch_indices(len(data), batch_size, rng)
     losses: list[float] = []
     t0 = time.time()
     for step in range(steps):
-        losses.append(_train_step(model, opt, _collate([data[i] for i in next(batches)], pad_id), lr_at(step)))
+        batch = collate_examples([data[i] for i in next(batches)], pad_id)
+        losses.append(_train_step(model, opt, batch, lr_at(step)))
         if log_every and (step % log_every == 0 or step == steps - 1):
             log(f"sft step {step + 1}/{steps} loss {losses[-1]:.4f} lr {lr_at(step):.2e}")
     seconds = time.time() - t0

@@ -51,7 +51,7 @@ import time
 from typing import Any, Optional, Sequence, Union
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from troupe.configs.schema import RewardConfig
 from troupe.core.steps import step_texts
@@ -82,11 +82,15 @@ class RewardWorker:
         cfg: the run's RewardConfig; its functions and models are loaded here (a
             :class:`troupe.reward.scoring.RewardSet`, in the worker process, so plugin modules
             must be importable there and model folders readable).
+        versions: reward-model name -> the version of the weights its ``path`` holds (iterative RL,
+            :meth:`reload_model`); default 0 for every model (the configured folder).
     Raises:
         ValueError: a spec or model cannot be loaded (message names it).
     """
 
-    def __init__(self, cfg: RewardConfig) -> None:
+    def __init__(self, cfg: RewardConfig, versions: Optional[dict[str, int]] = None) -> None:
+        self._cfg = cfg
+        self._versions = {m.name: int((versions or {}).get(m.name, 0)) for m in cfg.models}
         self._rewards = RewardSet(cfg)
         self._whole_batch = bool(self._rewards.models)  # reward models: one call over all groups
         self._restarted = False
@@ -106,7 +110,35 @@ class RewardWorker:
         """
         return list(self._rewards.names)
 
-    def score(self, groups: list[Group]) -> list[Group]:
+    def model_versions(self) -> dict[str, int]:
+        """Reward-model name -> the version of the weights this worker scores with (0: the configured
+        folder). Runs between ``score`` calls, so it reports what the next batch is scored with."""
+        return dict(self._versions)
+
+    def reload_model(self, name: str, path: str, version: int) -> int:
+        """Score with reward model ``name`` loaded from ``path`` as ``version`` from the next batch on.
+
+        Iterative RL (``troupe.cluster.iterative``). Runs between ``score`` calls (the same actor
+        thread), so no batch mixes two versions. The new folder is loaded before the old model is let
+        go: a folder that fails to load leaves the worker as it was. A version the worker already
+        holds is not loaded again.
+
+        Returns:
+            ``version``.
+        Raises:
+            ValueError: ``name`` is not a reward model of this worker, or the folder cannot be
+                loaded (names it).
+        """
+        if name not in self._versions:
+            raise ValueError(f"reload_model: {name!r} is not a reward model of this worker ({sorted(self._versions)})")
+        if self._versions[name] == version:
+            return version
+        cfg = _with_model_path(self._cfg, name, path)
+        self._rewards, self._cfg = RewardSet(cfg), cfg
+        self._versions[name] = int(version)
+        return int(version)
+
+    def score(self, groups: list[Group], models: Optional[dict[str, tuple[str, int]]] = None) -> list[Group]:
         """Score every sample of every group and return the groups filled in.
 
         Each group is scored as one batch (``RewardSet.score``; its samples share the prompt and
@@ -126,9 +158,14 @@ class RewardWorker:
 
         Args:
             groups: groups with samples.
+            models: reward-model name -> (path, version) the pool expects the batch to be scored with;
+                a worker holding another version loads it first (:meth:`reload_model`): that is how a
+                worker Ray restarted with its first arguments catches up after a refresh.
         Returns:
             The same groups (in order), scored.
         """
+        for name, (path, version) in (models or {}).items():
+            self.reload_model(name, path, version)
         keys = column_names(g.prompt.columns for g in groups)
         if self._whole_batch and groups:
             sizes = [len(g.samples) for g in groups]
@@ -154,6 +191,12 @@ class RewardWorker:
             groups[0].failures["worker_restart"] = groups[0].failures.get("worker_restart", 0) + 1
             self._restarted = False
         return groups
+
+
+def _with_model_path(cfg: RewardConfig, name: str, path: str) -> RewardConfig:
+    """``cfg`` with reward model ``name`` read from ``path``."""
+    return cfg.model_copy(update={"models": [m.model_copy(update={"path": path}) if m.name == name else m
+                                             for m in cfg.models]})
 
 
 def _fill_group(g: Group, res: ScoreResult, log: bool = True) -> None:
@@ -226,6 +269,7 @@ class RewardPool:
         if runtime_env is None:  # fail fast, in the driver, with the loader's message
             check_reward_config(cfg)
         self._cfg = cfg
+        self._models: dict[str, tuple[str, int]] = {}  # reward-model name -> (path, version) after reload_model
         self._parts = config_parts(cfg)
         self._names = [p.name for p in self._parts]
         self._has_process = any(f.kind == "process" for f in cfg.functions)
@@ -251,7 +295,7 @@ class RewardPool:
             self.wait_ready()
 
     def _new_worker(self) -> Any:
-        return self._actor_cls.remote(self._cfg)
+        return self._actor_cls.remote(self._cfg, {name: v for name, (_, v) in self._models.items()})
 
     @property
     def num_workers(self) -> int:
@@ -290,7 +334,7 @@ class RewardPool:
         return min(range(len(self._workers)), key=lambda i: len(self._inflight[i]))
 
     def _send(self, idx: int, groups: list[Group]) -> ray.ObjectRef:
-        ref = self._workers[idx].score.remote(groups)
+        ref = self._workers[idx].score.remote(groups, self._models or None)
         self._inflight[idx].append(ref)
         return ref
 
@@ -325,6 +369,43 @@ class RewardPool:
                 refs.append(self.submit(groups[start:end]))
             start = end
         return refs
+
+    def reload_model(self, name: str, path: str, version: int, timeout: Optional[float] = None) -> list[int]:
+        """Every worker scores with reward model ``name`` from ``path`` as ``version`` from its next batch on.
+
+        The pool keeps (path, version): workers it starts later (replacements) load that folder, and
+        every batch it sends carries it, so a worker Ray restarted with its first arguments loads it
+        before scoring (``RewardWorker.score``). A worker found dead here is replaced.
+
+        Args:
+            name: the reward model's name (``reward.models.N.name``).
+            path: the new model folder (readable by every worker).
+            version: its version (ints; 0 is the configured folder).
+            timeout: seconds to wait for all workers (None: as long as it takes).
+        Returns:
+            Each worker's version afterwards, in worker-slot order.
+        Raises:
+            ValueError: ``name`` is not a model of this pool, or a worker cannot load the folder.
+            ray.exceptions.GetTimeoutError: not done within ``timeout``.
+        """
+        if name not in {m.name for m in self._cfg.models}:
+            raise ValueError(f"reload_model: {name!r} is not a reward model of this pool "
+                             f"({[m.name for m in self._cfg.models]})")
+        self._cfg = _with_model_path(self._cfg, name, path)
+        self._models[name] = (path, int(version))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sent = [(i, w, w.reload_model.remote(name, path, version)) for i, w in enumerate(self._workers)]
+        out = []
+        for i, actor, ref in sent:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                out.append(ray.get(ref, timeout=left))
+            except RayActorError:
+                self._replace_worker(i, actor)  # the replacement starts from the new folder
+                out.append(ray.get(self._workers[i].model_versions.remote(), timeout=left)[name])
+            except RayTaskError as e:
+                raise ValueError(f"reward model {name!r}: a worker could not load {path!r}: {e}") from e
+        return out
 
     def _replace_worker(self, idx: int, actor: Any) -> None:
         """Kill ``actor`` and put a fresh worker in slot ``idx`` (unless another batch's

@@ -180,6 +180,48 @@ class RewardRouter:
         """Workers replaced over all lanes (dead or wedged; ``troupe.reward.pool``)."""
         return sum(lane.pool.restarts for lane in self._lanes)
 
+    # ---------------------------------------------------------------- reward-model weights
+
+    def _model_lane(self, name: str) -> _Lane:
+        lane = next((lane for lane in self._lanes if lane.name == name and lane.name != "rules"), None)
+        if lane is None:
+            raise ValueError(f"no reward-model lane {name!r} (model lanes: "
+                             f"{[lane.name for lane in self._lanes if lane.name != 'rules']})")
+        return lane
+
+    def refresh_model(self, name: str, path: str, version: int, timeout: Optional[float] = None) -> list[int]:
+        """Every actor of reward model ``name``'s lane scores with the folder ``path`` as ``version`` from
+        its next batch on (iterative RL, ``troupe.cluster.iterative``); call it between steps.
+
+        Waits for every actor (``RewardPool.reload_model``: a dead one is replaced, and actors started
+        later, after a death, load ``path`` too).
+
+        Args:
+            name: the model's part name (``reward.models.N.name``).
+            path: the new reward-model folder (absolute, or relative to the working directory).
+            version: its version (0 is the configured folder).
+            timeout: seconds to wait for all the lane's actors (None: as long as it takes).
+        Returns:
+            Each actor's version afterwards, in worker-slot order.
+        Raises:
+            ValueError: no such model lane, or an actor cannot load the folder (names the lane).
+            ray.exceptions.GetTimeoutError: not done within ``timeout``.
+        """
+        lane = self._model_lane(name)
+        path = os.path.abspath(path)
+        p = lane.parts[0]
+        try:
+            versions = lane.pool.reload_model(name, path, version, timeout)
+        except ValueError as e:
+            raise ValueError(f"{lane.describe()}: {e}") from e
+        lane.parts[0] = p._replace(spec=p.spec.model_copy(update={"path": path}))
+        return versions
+
+    def model_versions(self, name: str, timeout: Optional[float] = None) -> list[int]:
+        """The version every actor of reward model ``name``'s lane scores with, in worker-slot order."""
+        workers = self._model_lane(name).pool.workers
+        return [v[name] for v in ray.get([w.model_versions.remote() for w in workers], timeout=timeout)]
+
     # ---------------------------------------------------------------- scoring
 
     def _route_value(self, g: Group) -> Any:

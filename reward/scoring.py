@@ -668,8 +668,9 @@ def _load_part(p: RewardPart) -> Callable:
 
 def check_reward_config(cfg: "RewardConfig") -> list[str]:
     """What a driver checks before starting reward actors, cheaply: the rule functions load
-    (:func:`troupe.reward.registry.load_reward_function`) and every reward model's folder has a
-    readable ``config.json`` (:func:`check_model_folder`; no weights are loaded).
+    (:func:`troupe.reward.registry.load_reward_function`), every reward model's folder has a
+    readable ``config.json`` (:func:`check_model_folder`; no weights are loaded) and the
+    ``reward.iterative.data`` file, when given, exists.
 
     Returns:
         The part names (:func:`config_parts`).
@@ -684,6 +685,9 @@ def check_reward_config(cfg: "RewardConfig") -> list[str]:
             check_model_folder(p.spec.path, p.key)
         else:
             _load_function(p.spec)
+    it = cfg.iterative
+    if it is not None and it.data and not Path(it.data).is_file():
+        raise ValueError(f"reward.iterative.data: file not found: {it.data} (working directory {Path.cwd()})")
     return [p.name for p in parts]
 
 

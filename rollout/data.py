@@ -23,12 +23,12 @@ import json
 import os
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Mapping, Optional, Protocol
+from typing import Any, Iterator, Literal, Mapping, Optional, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["DataError", "DataSource", "PRESETS", "check_rows", "data_dir", "load_data_source", "load_preset",
-           "load_rows", "preset_path", "source_options"]
+__all__ = ["DataError", "DataSource", "PRESETS", "check_rows", "data_dir", "jsonl_rows", "load_data_source",
+           "load_preset", "load_rows", "preset_path", "source_options"]
 
 
 class DataError(ValueError):
@@ -208,6 +208,23 @@ def _load_jsonl(path: Path, prompt_field: str, answer_field: str, max_rows: Opti
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             rows.append(_check_row(row, where, prompt_field, answer_field))
     return rows
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(``"file:line"``, parsed JSON value) for every non-blank line of a JSONL file, lazily.
+
+    Raises:
+        DataError: naming ``file:line`` on a line that is not valid JSON.
+    """
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
 def open_parquet(path: Path) -> Any:

@@ -30,7 +30,6 @@ This module imports no torch, Ray or vLLM (pyarrow lazily, for Parquet).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from troupe.rollout.data import DataError, open_parquet
+from troupe.rollout.data import DataError, jsonl_rows, open_parquet
 
 __all__ = ["PreferencePair", "load_pairs", "pair_texts", "split_pairs"]
 
@@ -174,18 +173,6 @@ def _pair(row: Any, where: str, has_prompt: bool, fields: tuple[str, str, str, O
 # ------------------------------------------------------------------------------------------ readers
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-
-
 def _parquet_rows(path: Path, required: Sequence[str]) -> tuple[list[str], Iterator[tuple[str, Any]]]:
     pf = open_parquet(path)
     names = list(pf.schema_arrow.names)
@@ -238,7 +225,7 @@ def load_pairs(
         names, rows = _parquet_rows(p, [chosen_field, rejected_field] + ([margin_field] if margin_field else []))
         has_prompt = prompt_field in names
     else:
-        rows = _jsonl_rows(p)
+        rows = jsonl_rows(p)
     pairs: list[PreferencePair] = []
     for where, row in rows:
         if has_prompt is None:

@@ -14,7 +14,16 @@ from troupe.configs.schema import ConfigError, apply_overrides, dump_config, loa
 
 REPO = Path(__file__).resolve().parents[1]
 RM_PRESETS = sorted((REPO / "configs").glob("rm_*.yaml"))  # `troupe rm train` configs
-PRESETS = sorted(set((REPO / "configs").glob("*.yaml")) - set(RM_PRESETS))
+PIPELINE_PRESETS = sorted(p for p in (REPO / "configs").glob("*.yaml") if "\nstages:" in p.read_text())
+PRESETS = sorted(set((REPO / "configs").glob("*.yaml")) - set(RM_PRESETS) - set(PIPELINE_PRESETS))
+
+
+@pytest.mark.parametrize("path", PIPELINE_PRESETS, ids=lambda p: p.name)
+def test_pipeline_presets_validate(path, capsys):
+    from troupe.configs.pipeline import load_pipeline
+
+    assert load_pipeline(path).stages
+    assert main(["check", str(path)]) == 0
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)

@@ -231,3 +231,29 @@ def test_sft_lowers_loss_and_saves(tiny_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.eos_token_id == model.config.eos_token_id
     assert os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_instruction_rows_in_two_languages_and_mixed_cold_start():
+    """zh_share: whole-instruction questions, a seeded share in Chinese; zh_mixing: Chinese-prompt
+    solutions that conclude in English (language mixing), which the language reward scores 0."""
+    from troupe.demo.arith import ArithOptions, ArithTask
+    from troupe.reward.verifiers import language_consistency_reward
+
+    opts = ArithOptions(min_operand=10, max_operand=99, num_train=400, zh_share=0.3, zh_mixing=0.5)
+    train, held = ArithTask.rows(opts, 0, 64)
+    assert (train, held) == ArithTask.rows(opts, 0, 64)  # seeded
+    zh = [r for r in train if r["lang"] == "zh"]
+    assert 0.2 < len(zh) / len(train) < 0.4 and {r["lang"] for r in held} == {"en", "zh"}
+    assert zh[0]["question"].startswith("计算") and train[0]["question"].count("<think></think>") == 1
+    # the operands are still read from the instruction: worked solutions and the process verifier work
+    row = next(r for r in train if r["lang"] == "en")
+    assert worked_solution(row).endswith(f",so {row['answer']}</think><answer>{row['answer']}</answer>")
+    pairs = ArithTask.cold_start(train, opts, 0)
+    zh_pairs = [(q, c) for q, c in pairs if q.startswith("计算")]
+    scores = [language_consistency_reward(c, q) for q, c in zh_pairs]
+    mixed = sum(s == 0.0 for s in scores) / len(scores)
+    assert 0.35 < mixed < 0.65 and set(scores) == {0.0, 1.0}
+    assert all(language_consistency_reward(c, q) == 1.0 for q, c in pairs if not q.startswith("计算"))
+    # without zh_share, questions stay bare additions (the demo is unchanged)
+    plain, _ = ArithTask.rows(ArithOptions(num_train=16), 0, 4)
+    assert all("lang" not in r and "+" in r["question"] and " " not in r["question"] for r in plain)

@@ -44,7 +44,8 @@ def test_config_schema_does_not_import_torch():
 def test_learner_and_reward_modules_do_not_import_ray():
     # the learner is Ray-free (the cluster layer drives it); the reward scoring runs in-process too
     mods = ["troupe.learner.step", "troupe.learner.registry", "troupe.learner.batch", "troupe.learner.zero",
-            "troupe.learner.sft", "troupe.learner.tiny_model", "troupe.reward.scoring", "troupe.reward.registry"]
+            "troupe.learner.sft", "troupe.learner.sft_rank", "troupe.learner.tiny_model", "troupe.reward.scoring",
+            "troupe.reward.registry", "troupe.reward.rejection", "troupe.rollout.rejection"]
     assert _loaded_after_import(mods, ("ray", "vllm")) == []
 
 
