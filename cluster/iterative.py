@@ -68,7 +68,6 @@ from typing import Any, Callable, Optional, Sequence
 
 from troupe.configs.schema import (
     ClusterConfig,
-    IterativeRMConfig,
     LearnerConfig,
     ModelConfig,
     PreferenceDataConfig,

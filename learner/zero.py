@@ -53,9 +53,9 @@ def _ds_config(*, zero_stage: int, micro: int, gas: int, world: int, lr: float, 
 class ZeroRank:
     """What every DeepSpeed ZeRO rank actor shares: the process group, the engine, checkpoints, weight export.
 
-    Subclasses build their model and call :meth:`_start_engine`; the GRPO learner
-    (:class:`LearnerRank`) and the Bradley-Terry reward-model trainer
-    (``troupe.learner.rm_rank.RewardModelRank``) are the two.
+    Subclasses build their model and call :meth:`_start_engine`: the GRPO learner
+    (:class:`LearnerRank`), the Bradley-Terry reward-model trainer
+    (``troupe.learner.rm_rank.RewardModelRank``) and the SFT rank (``troupe.learner.sft_rank.SFTRank``).
 
     Args:
         rank, world_size: position in the torch.distributed group.

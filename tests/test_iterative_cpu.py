@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from troupe.cluster.iterative import IterativeRewardModel, fresh_pairs, replay_count, replay_indices
-from troupe.configs.schema import ConfigError, IterativeRMConfig, RewardConfig, load_config
+from troupe.configs.schema import IterativeRMConfig, RewardConfig, load_config
 from troupe.core.types import Group, Prompt, Sample
 
 REPO = Path(__file__).resolve().parents[1]
