@@ -44,7 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from troupe.configs.schema import (ConfigError, RewardModelTrainConfig, RunConfig, _format_errors, _resolve_file,
-                                   apply_overrides)
+                                   apply_overrides, read_yaml_mapping)
 
 __all__ = ["KINDS", "POLICY_KINDS", "PipelineConfig", "Stage", "is_pipeline", "load_pipeline", "stage_dir"]
 
@@ -182,14 +182,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     """
     path = Path(path)
     source = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    raw = read_yaml_mapping(path)
     stages_raw = raw.pop("stages", None)
     if not isinstance(stages_raw, list) or not stages_raw:
         raise ConfigError(f"{path}: stages: expected a non-empty list of {{kind, name, ...}}")

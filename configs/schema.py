@@ -628,16 +628,23 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _read(path: Path, overrides: list[str] | None, cls: type[BaseModel]) -> Any:
-    """YAML file -> overrides -> ``cls``; ConfigError naming the file and keys."""
+def read_yaml_mapping(path: Path) -> dict:
+    """The top-level mapping of a YAML config file; ConfigError naming the file when it is missing,
+    not YAML, or not a mapping."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return raw
+
+
+def _read(path: Path, overrides: list[str] | None, cls: type[BaseModel]) -> Any:
+    """YAML file -> overrides -> ``cls``; ConfigError naming the file and keys."""
+    raw = read_yaml_mapping(path)
     apply_overrides(raw, overrides or [])
     try:
         return cls.model_validate(raw)
