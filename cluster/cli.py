@@ -42,7 +42,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     sub.add_parser("score", help="score a JSONL of completions with reward functions", add_help=False)
     sub.add_parser("rm", help="reward models: train (Bradley-Terry), pairs (from a policy's samples), serve (HTTP)",
                    add_help=False)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    resume = getattr(args, "resume", None)
+    if resume not in (None, "latest") and "=" in resume and not Path(resume).exists():
+        # `--resume key=value`: argparse gave the override to --resume's optional value
+        args.overrides.append(resume)
+        args.resume = "latest"
+    return args
 
 
 def _load(args) -> tuple[RunConfig, list[dict], list[dict]]:

@@ -140,3 +140,12 @@ def test_summary_table_and_refusal_to_overwrite(tmp_path):
     assert run_pipeline(pipe, None, resume=False, say=lines.append) == 2
     assert "continue it with --resume" in lines[0]
     assert json.loads((pipe.folder / STATE_FILE).read_text()) == state  # nothing lost
+
+
+def test_an_override_after_resume_stays_an_override():
+    from troupe.cluster.cli import _parse
+
+    args = _parse(["train", "x.yaml", "--resume", "stages.rl.steps=3"])
+    assert args.resume == "latest" and args.overrides == ["stages.rl.steps=3"]
+    args = _parse(["train", "x.yaml", "seed=1", "--resume", "runs/a/resume/step_2"])
+    assert args.resume == "runs/a/resume/step_2" and args.overrides == ["seed=1"]
