@@ -323,11 +323,9 @@ class IterativeRewardModel:
 
     def _stats(self, trainer: Any) -> dict:
         """Mean/std of the trainer's raw rewards on the reference texts (module docstring)."""
-        from troupe.cluster.rm_train import _rewards
+        from troupe.cluster.rm_train import reward_stats
 
-        r = _rewards(trainer, [t for c, rj, _ in self.reference for t in (c, rj)])
-        mean = sum(r) / len(r)
-        return {"mean": mean, "std": math.sqrt(sum((x - mean) ** 2 for x in r) / max(len(r) - 1, 1)), "count": len(r)}
+        return reward_stats(trainer, [t for c, rj, _ in self.reference for t in (c, rj)])
 
     def _save(self, trainer: Any, version: int, fresh: list[Pair], stats: dict) -> str:
         """Write ``v<version>`` (weights, tokenizer, stats, fresh_pairs.jsonl) atomically; its path."""

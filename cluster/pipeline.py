@@ -139,7 +139,6 @@ def _run_rejection(cfg: RunConfig, model_path: str, folder: Path, train_rows: li
 
     stats = run_rejection_sampling(cfg, model_path, folder, log=say)
     examples = read_sft_file(stats["sft_data"])
-    say(f"rejection sampling kept {len(examples)} examples; SFT {cfg.sft.steps} steps of {cfg.sft.batch_size}")
     out = train_sft(cfg, model_path, examples, str(folder / "model"), log=say)
     return {"policy": str(folder / "model"), "rejection": stats, "sft": out}
 

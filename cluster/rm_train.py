@@ -55,6 +55,14 @@ def _rewards(group: Any, texts: list[str]) -> list[float]:
     return [x for share in out for x in share][:len(texts)]
 
 
+def reward_stats(group: Any, texts: list[str]) -> dict:
+    """{"mean", "std" (sample), "count"} of the raw rewards of ``texts``: the ``reward_stats.json`` that
+    ``normalize`` reads (``troupe.core.reward_model.STATS_FILE``)."""
+    r = _rewards(group, texts)
+    mean = sum(r) / len(r)
+    return {"mean": mean, "std": math.sqrt(sum((x - mean) ** 2 for x in r) / max(len(r) - 1, 1)), "count": len(r)}
+
+
 def evaluate_pairs(group: Any, pairs: list[tuple[str, str, Optional[float]]]) -> dict:
     """Held-out pairwise accuracy (r_c > r_r), mean margin r_c - r_r and mean BT loss (margins included)."""
     if not pairs:
@@ -168,11 +176,8 @@ def train_reward_model(cfg: RewardModelTrainConfig, address: Optional[str] = Non
             log(f"epoch {epoch}: train loss {sums['loss'] / max(steps, 1):.4f}, train accuracy "
                 f"{sums['accuracy'] / max(steps, 1):.3f}; held-out accuracy {ev.get('eval/accuracy', float('nan')):.3f}, "
                 f"margin {ev.get('eval/margin', float('nan')):.3f} ({time.time() - t0:.0f} s, {steps} steps)")
-        stats_texts = [t for c, r, _ in train[:MAX_STATS_TEXTS // 2] for t in (c, r)]
-        r = _rewards(group, stats_texts)
-        mean = sum(r) / len(r)
-        std = math.sqrt(sum((x - mean) ** 2 for x in r) / max(len(r) - 1, 1))
-        stats = {"mean": mean, "std": std, "count": len(r)}
+        stats = reward_stats(group, [t for c, r, _ in train[:MAX_STATS_TEXTS // 2] for t in (c, r)])
+        mean, std = stats["mean"], stats["std"]
         out = str(run_dir / "model")
         group.call("save_hf", out, model_path, stats)
         log(f"reward model written to {out} (training rewards: mean {mean:.3f}, std {std:.3f})")

@@ -83,19 +83,11 @@ class PipelineConfig(BaseModel):
     output_dir: str
     source: str
     stages: list[Stage]
-    base: dict = Field(description="The raw base (every top-level key but stages), after overrides.")
 
     @property
     def folder(self) -> Path:
         """``output_dir/name``: holds one folder per stage, pipeline_state.json and summary.md."""
         return Path(self.output_dir) / self.name
-
-    def stage(self, name: str) -> Stage:
-        """The stage called ``name``; KeyError if none."""
-        for s in self.stages:
-            if s.name == name:
-                return s
-        raise KeyError(name)
 
 
 def stage_dir(folder: Path, name: str) -> Path:
@@ -237,4 +229,4 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             if value and not str(value).startswith(str(folder.resolve())):  # an earlier stage's file: not yet there
                 _resolve_file(path, section, key, f"{label}: {where}")
         stages.append(Stage(index=i, kind=kind, name=sname, config=cfg, model_from_previous=from_previous))
-    return PipelineConfig(name=name, output_dir=output_dir, source=source, stages=stages, base=raw)
+    return PipelineConfig(name=name, output_dir=output_dir, source=source, stages=stages)
