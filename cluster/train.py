@@ -10,6 +10,11 @@
         every sync.every steps: weights -> engines as version v+1; check engine/learner logprobs agree
         every checkpoint.every steps: a resumable checkpoint (troupe.cluster.checkpoint)
 
+With ``rollout.max_staleness`` = N > 0 the rollouts of the next steps run on a driver thread while
+the learner trains (``troupe.cluster.rollout_ahead``): a group may then lag the learner by up to N
+policy versions; older ones are dropped, counted and resampled (``troupe.rollout.staleness``), and
+``algo.tis_cap`` corrects the off-policy gap with the engines' sampling log-probs.
+
 Sampling seeds come from (run seed, step, prompt stream position) only, and the checkpoint holds
 the learner state, the stream position and the metrics, so a resumed run repeats the
 uninterrupted run's steps exactly (float32, CPU). Faults: engine deaths are survived by the engine
@@ -22,6 +27,7 @@ The maths is in ``troupe.learner`` (``grpo``, ``step``); the actors in ``troupe.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -36,6 +42,7 @@ from tqdm import tqdm
 
 from troupe.cluster import checkpoint
 from troupe.cluster.metrics import MetricsWriter, rollout_metrics
+from troupe.cluster.rollout_ahead import RolloutAhead
 from troupe.cluster.runtime import Actors
 from troupe.cluster.weight_sync import WeightSync
 from troupe.configs.schema import RunConfig
@@ -44,6 +51,7 @@ from troupe.learner import grpo
 from troupe.learner.batch import collate_groups
 from troupe.learner.step import group_signal, informative
 from troupe.rollout.prompts import PromptStream, sampling_seeds
+from troupe.rollout.staleness import split_stale, staleness_metrics
 
 log = logging.getLogger("troupe")
 
@@ -88,6 +96,33 @@ def collect_groups(actors: Actors, stream: PromptStream, cfg: RunConfig, step: i
         kept, dropped = kept + good, dropped + bad
     info.update({"dynamic/refill_rounds": rounds, "dynamic/informative_groups": min(len(kept), need)})
     return (kept + dropped)[:need], info  # short of informative groups: pad with zero-advantage ones
+
+
+def rollout(step: int, cfg: RunConfig, actors: Actors, stream: PromptStream,
+            ahead: Optional[RolloutAhead]) -> tuple[list[Group], dict]:
+    """Step ``step``'s scored groups: sampled now (synchronous loop) or taken from ``ahead`` (pipelined).
+
+    Pipelined, a group more than ``rollout.max_staleness`` versions behind the learner (version
+    step - 1) is dropped, counted (``staleness/dropped_groups``) and its prompt sampled again with the
+    engines' current weights (seeds from (seed, step, -1 - index), apart from the stream's).
+    Info: the rollout timings, ``time/learner_idle`` (s the learner waited for the groups) and,
+    pipelined, the staleness metrics and ``time/engine_idle``.
+    """
+    if ahead is None:
+        t0 = time.time()
+        groups, info = collect_groups(actors, stream, cfg, step)
+        return groups, {**info, "time/learner_idle": time.time() - t0}
+    groups, info = ahead.get(step)
+    N = cfg.rollout.max_staleness
+    _, dropped = split_stale(groups, step - 1, N)
+    if dropped:
+        with ahead.paused():  # the engines and reward workers are driven by one thread at a time
+            fresh, _ = actors.engines.generate([groups[i].prompt for i in dropped], sampling(cfg), actors.rewards,
+                                               seeds=sampling_seeds(cfg.seed, step, [-1 - i for i in dropped]))
+        groups = list(groups)
+        for i, g in zip(dropped, fresh):
+            groups[i] = g
+    return groups, {**info, **staleness_metrics(groups, step - 1, N, len(dropped))}
 
 
 def check_sync(actors: Actors, token_ids: list[int], start: int) -> float:
@@ -169,12 +204,18 @@ class StopSignals:
 
 
 def save_checkpoint(cfg: RunConfig, run_dir: Path, actors: Actors, stream: PromptStream, state: RunState,
-                    say: Callable[[str], None]) -> Path:
-    """A resumable checkpoint of the run as it is after ``state.step`` (troupe.cluster.checkpoint)."""
+                    say: Callable[[str], None], ahead: Optional[RolloutAhead] = None) -> Path:
+    """A resumable checkpoint of the run as it is after ``state.step`` (troupe.cluster.checkpoint).
+
+    Pipelined (``ahead``), the prompt stream is saved as it was before step ``state.step + 1``
+    took its prompts: a resumed run samples the prefetched steps again.
+    """
     t0 = time.time()
-    path = checkpoint.save(checkpoint.checkpoint_root(cfg, run_dir), state.step, actors.learners,
-                           {**asdict(state), "stream": stream.state_dict()}, cfg, run_dir / "metrics.jsonl",
-                           cfg.checkpoint.keep_last)
+    with ahead.paused() if ahead is not None else contextlib.nullcontext():
+        stream_state = (ahead.stream_state_before(state.step + 1) if ahead is not None else None) or stream.state_dict()
+        path = checkpoint.save(checkpoint.checkpoint_root(cfg, run_dir), state.step, actors.learners,
+                               {**asdict(state), "stream": stream_state}, cfg, run_dir / "metrics.jsonl",
+                               cfg.checkpoint.keep_last)
     say(f"checkpoint {path} ({time.time() - t0:.1f} s)")
     return path
 
@@ -194,10 +235,15 @@ def resume_from(path: Path, actors: Actors, sync: WeightSync, stream: PromptStre
 
 
 def run_step(step: int, cfg: RunConfig, actors: Actors, sync: WeightSync, stream: PromptStream, state: RunState,
-             eval_prompts: list[Prompt], pad_id: int, run_dir: Path, say: Callable[[str], None]) -> dict:
-    """One GRPO step: rollout, learner update, weight sync, periodic eval / HF export. Returns its metrics."""
+             eval_prompts: list[Prompt], pad_id: int, run_dir: Path, say: Callable[[str], None],
+             ahead: Optional[RolloutAhead] = None) -> dict:
+    """One GRPO step: rollout, learner update, weight sync, periodic eval / HF export. Returns its metrics.
+
+    Pipelined (``ahead``): the groups come from the rollout thread, which is paused while the
+    weights are synced and evaluated, and told the new version afterwards.
+    """
     t_step, restarts = time.time(), actors.engines.restarts
-    groups, record = collect_groups(actors, stream, cfg, step)
+    groups, record = rollout(step, cfg, actors, stream, ahead)
     record.update(rollout_metrics(groups))
     if actors.iterative is not None:  # iterative RL: new reward-model weights score the next step's samples
         record.update(actors.iterative.step(step, groups, actors.rewards))
@@ -214,17 +260,22 @@ def run_step(step: int, cfg: RunConfig, actors: Actors, sync: WeightSync, stream
                            "skipped and the run stops")
     if record.get("zero_variance_frac") == 1.0:
         say(grpo.ZERO_VARIANCE_MESSAGE)
-    if step % cfg.sync.every == 0 or step == cfg.steps:
-        state.policy_version = step
-        record.update(sync_weights(actors, sync, step, groups[0], cfg, say))
-    if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-        record.update(evaluate(actors, eval_prompts, cfg))
+    with ahead.paused() if ahead is not None else contextlib.nullcontext():
+        if step % cfg.sync.every == 0 or step == cfg.steps:
+            state.policy_version = step
+            record.update(sync_weights(actors, sync, step, groups[0], cfg, say))
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            record.update(evaluate(actors, eval_prompts, cfg))
+        if ahead is not None:
+            ahead.published(state.policy_version)
     if cfg.save_every and step % cfg.save_every == 0:
         actors.learners.save_hf(str(run_dir / "checkpoints" / f"step_{step}"), str(run_dir / "tokenizer"))
     state.step = step
     record["faults/engine_restarts"] = actors.engines.restarts - restarts  # in generation, sync or checks
     state.engine_restarts += record["faults/engine_restarts"]
     record.update(step=step, policy_version=state.policy_version, **{"time/step": time.time() - t_step})
+    if ahead is None:  # the engines wait for everything after their rollout
+        record["time/engine_idle"] = record["time/step"] - record["time/learner_idle"]
     return record
 
 
@@ -241,6 +292,7 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
     if resume is not None:  # the metrics as they were at the checkpoint; later records are dropped
         shutil.copyfile(resume / "metrics.jsonl", run_dir / "metrics.jsonl")
     writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
+    ahead: Optional[RolloutAhead] = None
     try:
         if cfg.reward.iterative is not None and actors.iterative is None:
             from troupe.cluster.iterative import IterativeRewardModel
@@ -260,21 +312,30 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
         say(f"start: held-out greedy accuracy {state.eval_start.get('eval/accuracy', float('nan')):.3f} "
             f"on {len(eval_prompts)} prompts")
         record: dict = {}
+        if cfg.rollout.max_staleness and state.step < cfg.steps:
+            ahead = RolloutAhead(lambda s: collect_groups(actors, stream, cfg, s), state.step + 1, cfg.steps,
+                                 cfg.rollout.max_staleness, state.policy_version, stream.state_dict)
+            say(f"pipelined rollout: engines sample up to {cfg.rollout.max_staleness} step(s) ahead of the learner")
         bar = tqdm(range(state.step + 1, cfg.steps + 1), desc="grpo", dynamic_ncols=True)
         with StopSignals() as stop:
             for step in bar:
-                record = run_step(step, cfg, actors, sync, stream, state, eval_prompts, pad_id, run_dir, say)
+                record = run_step(step, cfg, actors, sync, stream, state, eval_prompts, pad_id, run_dir, say, ahead)
                 writer.write(record)
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record.get('accuracy', float('nan')):.3f}",
                                 kl=f"{record.get('kl_ref', 0.0):.4f}", v=state.policy_version)
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                    save_checkpoint(cfg, run_dir, actors, stream, state, say)
+                    save_checkpoint(cfg, run_dir, actors, stream, state, say, ahead)
                 if stop.signum is not None:
-                    raise RunStopped(stop.signum, step, _stop_checkpoint(cfg, run_dir, actors, sync, stream, state, say))
+                    raise RunStopped(stop.signum, step,
+                                     _stop_checkpoint(cfg, run_dir, actors, sync, stream, state, say, ahead))
+        if ahead is not None:
+            ahead.close()
         final = evaluate(actors, eval_prompts, cfg, run_dir / "eval_final.jsonl")
         writer.write({"step": cfg.steps, "final": True, **final})
         ckpt = actors.learners.save_hf(str(run_dir / "checkpoints" / "final"), str(run_dir / "tokenizer"))
     finally:
+        if ahead is not None:
+            ahead.close()
         sync.close()
         writer.close()
     return {"eval_start": state.eval_start, "eval_final": final, "last_step": record, "checkpoint": ckpt,
@@ -282,14 +343,19 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
 
 
 def _stop_checkpoint(cfg: RunConfig, run_dir: Path, actors: Actors, sync: WeightSync, stream: PromptStream,
-                     state: RunState, say: Callable[[str], None]) -> Optional[Path]:
-    """The checkpoint a signal-stopped run leaves (None when checkpoints are off)."""
+                     state: RunState, say: Callable[[str], None], ahead: Optional[RolloutAhead] = None) -> Optional[Path]:
+    """The checkpoint a signal-stopped run leaves (None when checkpoints are off).
+
+    Pipelined (``ahead``), the prefetched steps are not saved: their stream position is, and a
+    resumed run samples them again.
+    """
     if not cfg.checkpoint.every:
         return None
     done = checkpoint.latest(checkpoint.checkpoint_root(cfg, run_dir))
     if done is not None and done.name == f"step_{state.step}":
         return done
-    if state.policy_version != state.step:  # a checkpoint needs engines holding the learner's weights
-        state.policy_version = state.step
-        sync.sync(state.step)
-    return save_checkpoint(cfg, run_dir, actors, stream, state, say)
+    with ahead.paused() if ahead is not None else contextlib.nullcontext():
+        if state.policy_version != state.step:  # a checkpoint needs engines holding the learner's weights
+            state.policy_version = state.step
+            sync.sync(state.step)
+        return save_checkpoint(cfg, run_dir, actors, stream, state, say, ahead)

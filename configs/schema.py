@@ -130,6 +130,12 @@ class RolloutConfig(_Strict):
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="GPU only: vLLM memory share.")
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation (faster start).")
     max_model_len: int = Field(512, ge=16, le=1048576, description="vLLM max_model_len (prompt + response).")
+    max_staleness: int = Field(
+        0, ge=0, le=64,
+        description="Pipelined generation: the engines sample up to this many steps ahead of the learner, so a group "
+                    "may lag the policy it is trained against by up to N versions (older ones are dropped, counted "
+                    "and resampled; troupe.rollout.staleness). 0: the synchronous loop (generate, learn, sync). "
+                    "N > 0 needs sync.every = 1; pair it with algo.tis_cap for the off-policy correction.")
 
 
 RewardName = str
@@ -520,6 +526,12 @@ class RunConfig(_Strict):
         if self.checkpoint.every % self.sync.every:
             raise ValueError(f"checkpoint.every = {self.checkpoint.every} must be a multiple of sync.every = "
                              f"{self.sync.every}: a checkpoint is taken when the engines hold the learner's weights")
+        if self.rollout.max_staleness and self.sync.every != 1:
+            raise ValueError(f"rollout.max_staleness = {self.rollout.max_staleness} needs sync.every = 1 (got "
+                             f"{self.sync.every}): staleness is counted in policy versions, one per step")
+        if self.rollout.max_staleness and self.reward.iterative is not None:
+            raise ValueError("rollout.max_staleness > 0 cannot be combined with reward.iterative (the reward model "
+                             "would be retrained while later steps are being scored); use rollout.max_staleness: 0")
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
         self.rejection.check_reward(self.reward)
