@@ -2,7 +2,7 @@
 VARIANT ?= cpu
 PY := .venv/bin/python
 
-.PHONY: setup run rm-demo test test-fast test-slow bench
+.PHONY: setup run rm-demo test test-fast test-slow bench bench-engine
 setup: .venv/.troupe-$(VARIANT)
 
 .venv/.troupe-$(VARIANT): pyproject.toml scripts/setup.sh constraints/$(VARIANT).txt
@@ -26,3 +26,6 @@ test-slow: setup
 
 bench: setup
 	$(PY) bench/bench_reward.py
+
+bench-engine: setup
+	$(PY) bench/bench_engine.py --vllm-defaults

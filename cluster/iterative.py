@@ -292,10 +292,11 @@ class IterativeRewardModel:
 
             from troupe.cluster.learners import LearnerGroup
             from troupe.cluster.runtime import _free_port
+            from troupe.core.threads import cpu_thread_env
             from troupe.learner.rm_rank import RewardModelRank
 
             tc = self.trainer_config()
-            env = {"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(tc.learner.torch_threads)}} \
+            env = {"env_vars": {"DS_ACCELERATOR": "cpu", **cpu_thread_env(tc.learner.torch_threads)}} \
                 if tc.device == "cpu" else None
             rank = ray.remote(RewardModelRank).options(
                 num_cpus=tc.learner.num_cpus_per_rank, num_gpus=tc.learner.num_gpus_per_rank, runtime_env=env,

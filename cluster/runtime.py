@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from troupe.cluster.learners import LearnerGroup
 from troupe.configs.schema import LearnerConfig, RunConfig
+from troupe.core.threads import cpu_thread_env, overridden, threads_for_cpus
 from troupe.learner.zero import LearnerRank
 from troupe.reward.router import RewardRouter
 from troupe.rollout.engine import RolloutEngine
@@ -93,7 +94,8 @@ def start_zero_ranks(rank_cls: type, lc: LearnerConfig, device: str, rpc_timeout
     Args:
         rank_cls: a ``troupe.learner.zero.ZeroRank`` subclass (plain class; made a Ray actor here).
         lc: the ``learner`` section.
-        device: "cpu" (gloo; DS_ACCELERATOR=cpu, OMP_NUM_THREADS=learner.torch_threads) or "gpu".
+        device: "cpu" (gloo; DS_ACCELERATOR=cpu, ``troupe.core.threads.cpu_thread_env(learner.torch_threads)``:
+            OMP/MKL/OPENBLAS_NUM_THREADS, OMP_PROC_BIND=false, whatever the shell says) or "gpu".
         rpc_timeout_s: the group's longest wait for one call (``cluster.rpc_timeout_s``).
         *args: the rank class's arguments after the four group ones.
     Returns:
@@ -110,7 +112,7 @@ def start_zero_ranks(rank_cls: type, lc: LearnerConfig, device: str, rpc_timeout
     if not pg.wait(timeout_seconds=120):
         remove_placement_group(pg)
         raise TimeoutError(f"placement group {bundles} could not be reserved; cluster has {ray.cluster_resources()}")
-    env = {"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(lc.torch_threads)}} if not gpu else None
+    env = {"env_vars": {"DS_ACCELERATOR": "cpu", **cpu_thread_env(lc.torch_threads)}} if not gpu else None
     Rank = ray.remote(rank_cls)
     addr, port = _bundle_ip(pg, 0), _free_port()
     ranks = [Rank.options(num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), runtime_env=env,
@@ -164,20 +166,65 @@ def _bundles(cfg: RunConfig) -> list[dict]:
     return [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
 
 
-def _actor_env(cfg: RunConfig) -> dict:
-    """runtime_env of engines and ranks: thread counts and the KV cache on CPU, quiet vLLM logs."""
+def thread_env(kind: str, cfg: RunConfig) -> dict[str, str]:
+    """The thread variables troupe sets for one actor of ``kind`` ("engine" | "learner"); {} on GPU.
+
+    On the CPU an engine runs ``threads_for_cpus(rollout.num_cpus_per_engine)`` threads (the CPUs
+    its bundle reserves, floor, at least 1) and a learner rank ``learner.torch_threads``:
+    ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` and ``OMP_PROC_BIND=false``
+    (``troupe.core.threads.cpu_thread_env``), overriding the shell's (module doc of core/threads.py).
+    Engines also get ``VLLM_CPU_OMP_THREADS_BIND=nobind``: with vLLM 0.32's default ("auto",
+    ``vllm/utils/ompmultiprocessing.py``) the CPU worker binds its OpenMP threads to every core of
+    the first NUMA node but one and sets its own ``OMP_NUM_THREADS`` to that count, ignoring Ray's
+    reservation: two engines on one node bind the same cores, and an engine asked for 4 CPUs on a
+    64-core node runs 63 threads. Ray does not pin actors to cores, so troupe cannot hand vLLM a
+    core list that matches the reservation; "nobind" leaves placement to the OS scheduler and the
+    worker keeps the inherited ``OMP_NUM_THREADS``. On GPUs nothing is set (vLLM's GPU worker
+    chooses its CPU threads itself and warns about an external ``OMP_NUM_THREADS`` > 1).
+    Raises ``ValueError`` for another ``kind``.
+    """
+    if kind not in ("engine", "learner"):
+        raise ValueError(f"thread_env: kind must be 'engine' or 'learner', got {kind!r}")
+    if cfg.device != "cpu":
+        return {}
+    if kind == "learner":
+        return cpu_thread_env(cfg.learner.torch_threads)
+    return {**cpu_thread_env(threads_for_cpus(cfg.rollout.num_cpus_per_engine)), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+def describe_thread_env(cfg: RunConfig, environ: Optional[dict] = None) -> str:
+    """One log line: the threads :func:`thread_env` gives engines and learner ranks, and the shell
+    variables (``environ``, default ``os.environ``) it overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    if cfg.device != "cpu":
+        return "threads: GPU run, CPU thread variables left to vLLM and DeepSpeed"
+    eng, lrn = thread_env("engine", cfg), thread_env("learner", cfg)
+    over = {**overridden(lrn, environ), **overridden(eng, environ)}
+    line = (f"threads: engines {eng['OMP_NUM_THREADS']} (rollout.num_cpus_per_engine="
+            f"{cfg.rollout.num_cpus_per_engine:g}, VLLM_CPU_OMP_THREADS_BIND=nobind), learner ranks "
+            f"{lrn['OMP_NUM_THREADS']} (learner.torch_threads); OMP/MKL/OPENBLAS_NUM_THREADS and OMP_PROC_BIND=false set")
+    if over:
+        line += "; overriding the driver environment's " + ", ".join(f"{k}={v}" for k, v in sorted(over.items()))
+    return line
+
+
+def _actor_env(cfg: RunConfig, kind: str) -> dict:
+    """runtime_env of an engine or a learner rank (``kind``): its thread variables (:func:`thread_env`)
+    and the KV cache on CPU, quiet vLLM logs."""
     # vLLM logs a benign per-reload warning for every weight-less module (rotary embedding): keep
     # engine logs at ERROR unless the user set VLLM_LOGGING_LEVEL
     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
     if cfg.device == "cpu":
-        env.update(VLLM_CPU_KVCACHE_SPACE=str(max(1, int(round(cfg.rollout.kv_cache_gib)))), DS_ACCELERATOR="cpu",
-                   OMP_NUM_THREADS=str(cfg.learner.torch_threads))
+        env.update(VLLM_CPU_KVCACHE_SPACE=str(max(1, int(round(cfg.rollout.kv_cache_gib)))), DS_ACCELERATOR="cpu")
+    env.update(thread_env(kind, cfg))
     return {"env_vars": env}
 
 
 def _actor_options(cfg: RunConfig, pg, bundles: list[dict], i: int) -> dict:
-    """Ray actor options of the actor in bundle ``i`` of ``pg``: its resources, env and placement."""
-    return dict(num_cpus=bundles[i].get("CPU", 0), num_gpus=bundles[i].get("GPU", 0), runtime_env=_actor_env(cfg),
+    """Ray actor options of the actor in bundle ``i`` of ``pg`` (``_bundles`` order: engines, then learner
+    ranks): its resources, env and placement."""
+    kind = "engine" if i < cfg.rollout.num_engines else "learner"
+    return dict(num_cpus=bundles[i].get("CPU", 0), num_gpus=bundles[i].get("GPU", 0), runtime_env=_actor_env(cfg, kind),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i))
 
 
@@ -205,7 +252,7 @@ def start_actors(cfg: RunConfig, model_path: str, log: Callable[[str], None] = p
 
     The engine group gets ``engine_factory`` to replace dead engines, ``cluster.rpc_timeout_s`` and
     ``cluster.max_engine_failures``; the learner group gets ``cluster.rpc_timeout_s``. ``log`` gets
-    the engine group's restart lines. Blocks until all are ready. Raises ``TimeoutError`` if the
+    the threads chosen (:func:`describe_thread_env`) and the engine group's restart lines. Blocks until all are ready. Raises ``TimeoutError`` if the
     placement group cannot be reserved in 120 s (the message lists what was asked for), and the
     groups' ``ActorFailed`` / ``RemoteTimeout`` if an actor fails or hangs while starting.
     """
@@ -213,6 +260,7 @@ def start_actors(cfg: RunConfig, model_path: str, log: Callable[[str], None] = p
     pg = placement_group(bundles, strategy="PACK")
     if not pg.wait(timeout_seconds=120):
         raise TimeoutError(f"placement group {bundles} could not be reserved; cluster has {ray.cluster_resources()}")
+    log(describe_thread_env(cfg))
 
     E, n, cl = cfg.rollout.num_engines, cfg.learner.num_ranks, cfg.cluster
     start_engine, Learner = engine_factory(cfg, model_path, pg, bundles), ray.remote(LearnerRank)
@@ -233,7 +281,7 @@ def start_engines(cfg: RunConfig, model_path: str, log: Callable[[str], None] = 
 
     The bundles are ``_bundles``' engine bundles and the engines come from ``engine_factory`` (so a
     dead engine is replaced as in a run), with ``cluster.rpc_timeout_s`` and
-    ``cluster.max_engine_failures``; ``log`` gets the restart lines. Blocks until every engine is
+    ``cluster.max_engine_failures``; ``log`` gets the threads line and the restart lines. Blocks until every engine is
     ready. Returns ``(engines, placement group)``: the caller shuts the engines down and removes
     the group. Raises ``TimeoutError`` if the group cannot be reserved in 120 s, and the engine
     group's ``ActorFailed`` / ``RemoteTimeout`` if an engine fails or hangs while starting (then
@@ -244,6 +292,7 @@ def start_engines(cfg: RunConfig, model_path: str, log: Callable[[str], None] = 
     if not pg.wait(timeout_seconds=120):
         remove_placement_group(pg)
         raise TimeoutError(f"placement group {bundles} could not be reserved; cluster has {ray.cluster_resources()}")
+    log(describe_thread_env(cfg))
     start = engine_factory(cfg, model_path, pg, bundles)
     cl = cfg.cluster
     engines = EngineGroup([start(i) for i in range(cfg.rollout.num_engines)], factory=start,

@@ -288,7 +288,7 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
     ``troupe.core.rpc.ActorFailed`` / ``RemoteTimeout`` when a learner rank dies or a call hangs;
     ``RuntimeError`` after too many engine failures or non-finite steps in a row.
     """
-    sync = WeightSync(actors.learners, actors.engines, cfg.sync.strategy, actors.single_node())
+    sync = WeightSync(actors.learners, actors.engines, cfg.sync.strategy, actors.single_node(), cfg.sync.bucket_mb)
     if resume is not None:  # the metrics as they were at the checkpoint; later records are dropped
         shutil.copyfile(resume / "metrics.jsonl", run_dir / "metrics.jsonl")
     writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
@@ -317,6 +317,7 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
                                  cfg.rollout.max_staleness, state.policy_version, stream.state_dict)
             say(f"pipelined rollout: engines sample up to {cfg.rollout.max_staleness} step(s) ahead of the learner")
         bar = tqdm(range(state.step + 1, cfg.steps + 1), desc="grpo", dynamic_ncols=True)
+        t_start = time.time()
         with StopSignals() as stop:
             for step in bar:
                 record = run_step(step, cfg, actors, sync, stream, state, eval_prompts, pad_id, run_dir, say, ahead)
@@ -328,10 +329,17 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
                 if stop.signum is not None:
                     raise RunStopped(stop.signum, step,
                                      _stop_checkpoint(cfg, run_dir, actors, sync, stream, state, say, ahead))
+                if cfg.time_budget_s is not None and time.time() - t_start >= cfg.time_budget_s and step < cfg.steps:
+                    say(f"time budget of {cfg.time_budget_s:g} s used up after step {step} of {cfg.steps}")
+                    with ahead.paused() if ahead is not None else contextlib.nullcontext():
+                        if state.policy_version != state.step:  # the final eval samples the final weights
+                            state.policy_version = state.step
+                            sync.sync(state.step)
+                    break
         if ahead is not None:
             ahead.close()
         final = evaluate(actors, eval_prompts, cfg, run_dir / "eval_final.jsonl")
-        writer.write({"step": cfg.steps, "final": True, **final})
+        writer.write({"step": state.step, "final": True, **final})
         ckpt = actors.learners.save_hf(str(run_dir / "checkpoints" / "final"), str(run_dir / "tokenizer"))
     finally:
         if ahead is not None:
@@ -339,7 +347,8 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
         sync.close()
         writer.close()
     return {"eval_start": state.eval_start, "eval_final": final, "last_step": record, "checkpoint": ckpt,
-            "policy_version": state.policy_version, "faults/engine_restarts": state.engine_restarts}
+            "policy_version": state.policy_version, "faults/engine_restarts": state.engine_restarts,
+            "steps_done": state.step}
 
 
 def _stop_checkpoint(cfg: RunConfig, run_dir: Path, actors: Actors, sync: WeightSync, stream: PromptStream,

@@ -340,7 +340,19 @@ class LearnerConfig(_Strict):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up over this many optimizer steps.")
-    micro_batch_size: int = Field(16, ge=1, le=65536, description="Sequences per forward/backward per rank.")
+    micro_batch_size: int = Field(16, ge=1, le=65536, description="Sequences per forward/backward per rank "
+                                  "(when micro_batch_tokens is 0).")
+    micro_batch_tokens: int = Field(0, ge=0, le=2**31, description="GRPO learner: 0: micro-batches of "
+                                    "micro_batch_size rows. > 0: token-budget micro-batches: each rank's rows sorted "
+                                    "by length, longest first, as many per micro-batch as fit this many padded tokens "
+                                    "(rows x (longest prompt + longest response) of the micro-batch; a longer row goes "
+                                    "alone); every rank runs as many micro-batches as the rank that needs the most "
+                                    "(OpenRLHF/veRL dynamic batch size). The update is the same up to float rounding.")
+    skip_old_forward: bool = Field(True, description="GRPO learner: when each batch is used once on-policy "
+                                   "(algo.ppo_epochs 1, algo.mini_batches 1, KL not in the reward) take the old "
+                                   "log-probs from the training forward, detached (ratio exactly 1, as TRL), instead "
+                                   "of a separate no-grad forward over the batch. false: always run that forward "
+                                   "(same update).")
     num_cpus_per_rank: float = Field(0.5, ge=0.0, description="Ray CPUs per learner rank.")
     num_gpus_per_rank: float = Field(0.0, ge=0.0, description="Ray GPUs per learner rank (1 on GPU clusters).")
     torch_threads: int = Field(1, ge=1, le=256, description="CPU only: torch threads per rank.")
@@ -350,9 +362,22 @@ class SyncConfig(_Strict):
     """Weight sync from learner to engines."""
 
     every: int = Field(1, ge=1, description="Sync after every this many steps.")
-    strategy: Literal["auto", "shm", "object_store"] = Field(
-        "auto", description="'shm': safetensors in /dev/shm (one node); 'object_store': Ray object store (any node)."
-    )
+    strategy: str = Field(
+        "auto", description="How weight buckets reach the engines (troupe.cluster.weight_sync): 'shm' (raw bytes in "
+        "/dev/shm, one node), 'object_store' (Ray object store, any node), 'vllm_nccl' (vLLM's NCCL weight transfer, "
+        "GPU engines only), 'auto' (shm on one node, else object_store), or 'package.module:Class' (a SyncStrategy "
+        "subclass).")
+    bucket_mb: float = Field(
+        256.0, gt=0.0, le=1048576.0, description="Weight-sync bucket size in MiB: the learner gathers (ZeRO-3) and "
+        "sends the weights this much at a time, whole decoder layers per bucket (a larger layer is a bucket alone), "
+        "and the engines reload bucket i while the learner gathers bucket i+1.")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_name(cls, v: str) -> str:
+        if v in ("auto", "shm", "object_store", "vllm_nccl") or (":" in v and all(v.partition(":")[::2])):
+            return v
+        raise ValueError(f"unknown strategy {v!r}: 'auto', 'shm', 'object_store', 'vllm_nccl' or 'package.module:Class'")
 
 
 class CheckpointConfig(_Strict):
@@ -466,6 +491,10 @@ class RunConfig(_Strict):
     output_dir: str = Field("runs", description="Parent of the run directory (relative to the working directory).")
     seed: int = Field(0, ge=0)
     steps: int = Field(10, ge=0, le=10**7, description="GRPO steps.")
+    time_budget_s: Optional[float] = Field(
+        None, gt=0.0, description="Wall-clock budget of the GRPO steps (s, from the first step): the run stops after "
+                                  "the step that used it up, then evaluates and exports as after the last step. "
+                                  "None: run all steps.")
     eval_every: int = Field(0, ge=0, description="Greedy eval every N steps (0: only at start and end).")
     save_every: int = Field(0, ge=0, description="HF checkpoint every N steps (0: only the final one).")
     device: Literal["cpu", "gpu"] = Field("cpu", description="Where engines and learner ranks run.")
@@ -509,6 +538,9 @@ class RunConfig(_Strict):
             raise ValueError("device 'cpu' cannot ask for GPUs (rollout.num_gpus_per_engine, learner.num_gpus_per_rank)")
         if self.device == "cpu" and any(m.num_gpus for m in self.reward.models):
             raise ValueError("device 'cpu' cannot ask for GPUs (reward.models.N.num_gpus)")
+        if self.device == "cpu" and self.sync.strategy == "vllm_nccl":
+            raise ValueError("sync.strategy 'vllm_nccl' needs device 'gpu' (vLLM's NCCL weight transfer runs on GPU "
+                             "workers); use 'shm', 'object_store' or 'auto' on the CPU")
         if self.sft.enabled and not self.data.is_plugin:
             raise ValueError(
                 f"sft.enabled: cold-start SFT examples come from a data-source plugin's cold_start() "

@@ -1,4 +1,5 @@
-"""Scored groups -> ``TrainBatch`` (padded tensors), and log-probs of tokens under logits.
+"""Scored groups -> ``TrainBatch`` (padded tensors), log-probs of tokens under logits, and how the
+learner cuts a batch into micro-batches (fixed row counts or a token budget; padding trimmed).
 
 The batch layout is documented on ``troupe.core.types.TrainBatch``. Imports torch only.
 """
@@ -6,6 +7,8 @@ The batch layout is documented on ``troupe.core.types.TrainBatch``. Imports torc
 from __future__ import annotations
 
 import math
+from typing import Sequence
+
 import torch
 
 from troupe.core.types import Group, TrainBatch
@@ -113,3 +116,134 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len:
     """
     T = input_ids.shape[1] - prompt_len
     return token_logprobs(logits[:, prompt_len - 1: prompt_len - 1 + T], input_ids[:, prompt_len:prompt_len + T], temperature)
+
+
+def trim_padding(b: TrainBatch) -> TrainBatch:
+    """``b`` cut to its own longest prompt and response (the columns that are padding in every row dropped).
+
+    A step batch is padded to the step's longest prompt (left) and response (right); a micro-batch
+    of shorter rows needs fewer columns. The layout stays that of ``TrainBatch``: prompt left-padded
+    to the new ``prompt_len`` P' (the longest real prompt, at least 1 column when P >= 1), response
+    right-padded to T' = max(1, longest response). Per-token tensors keep their first T' columns;
+    ``step_ends`` (< response length <= T') stay valid. Returns ``b`` itself when nothing is cut.
+    Real tokens keep their relative positions, so with rotary position embeddings (Qwen2, Llama)
+    the log-probs agree with the untrimmed batch up to float rounding (~1e-6 in float32).
+    """
+    P, T = b.prompt_len, b.response_len
+    if b.size == 0:
+        return b
+    p = min(P, max(1, int(b.attention_mask[:, :P].sum(1).max()))) if P else 0
+    t = min(T, max(1, int(b.response_lengths.max())))
+    if p == P and t == T:
+        return b
+    return b.with_(input_ids=b.input_ids[:, P - p:P + t], attention_mask=b.attention_mask[:, P - p:P + t],
+                   response_mask=b.response_mask[:, :t], sampling_logprobs=b.sampling_logprobs[:, :t], prompt_len=p)
+
+
+def token_budget_micro_batches(prompt_lengths: Sequence[int], response_lengths: Sequence[int], budget: int,
+                               count: int = 0) -> list[list[int]]:
+    """Rows packed into micro-batches of at most ``budget`` padded tokens, longest rows first.
+
+    Rows are sorted by prompt + response length, longest first (ties: lower index first), and
+    added to the current micro-batch while ``rows x (longest prompt + longest response)`` -- the
+    size of the micro-batch once its padding is trimmed to its own longest row (``trim_padding``)
+    -- stays within ``budget``; a row alone over the budget gets a micro-batch of its own (at least
+    one row each). Sorting keeps similar lengths together, so little of a micro-batch is padding
+    (OpenRLHF ``packing_samples``, veRL ``use_dynamic_bsz``: micro-batches by token budget).
+
+    Args:
+        prompt_lengths, response_lengths: [N] real (unpadded) token counts per row.
+        budget: padded tokens per micro-batch (``learner.micro_batch_tokens``), > 0.
+        count: at least this many micro-batches: the one with the most padded tokens (among those of
+            two rows or more) is split in halves until there are (data-parallel ranks must run the
+            same number of micro-batches: every forward and backward is collective under ZeRO-2/3).
+    Returns:
+        Micro-batches as lists of row indices (each in the sorted order); every row in exactly one.
+    Raises:
+        ValueError: budget < 1, lengths of different sizes, or count > N.
+    """
+    if budget < 1:
+        raise ValueError(f"learner.micro_batch_tokens must be > 0 for token-budget micro-batches, got {budget}")
+    P, T = [int(x) for x in prompt_lengths], [max(1, int(x)) for x in response_lengths]
+    if len(P) != len(T):
+        raise ValueError(f"token_budget_micro_batches: {len(P)} prompt lengths but {len(T)} response lengths")
+    if count > len(P):
+        raise ValueError(f"token_budget_micro_batches: {count} micro-batches asked of {len(P)} rows")
+    order = sorted(range(len(P)), key=lambda i: (-(P[i] + T[i]), i))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    mp = mt = 0
+    for i in order:
+        np_, nt = max(mp, P[i]), max(mt, T[i])
+        if cur and (len(cur) + 1) * (np_ + nt) > budget:
+            out.append(cur)
+            cur, np_, nt = [], P[i], T[i]
+        cur.append(i)
+        mp, mt = np_, nt
+    if cur:
+        out.append(cur)
+
+    def cost(mb: list[int]) -> int:
+        return len(mb) * (max(P[i] for i in mb) + max(T[i] for i in mb))
+
+    while len(out) < count:
+        k = max((j for j in range(len(out)) if len(out[j]) > 1), key=lambda j: (cost(out[j]), -j))
+        mb = out[k]
+        out[k:k + 1] = [mb[:(len(mb) + 1) // 2], mb[(len(mb) + 1) // 2:]]
+    return out
+
+
+def micro_batch_plan(prompt_lengths: Sequence[int], response_lengths: Sequence[int], *, num_ranks: int,
+                     mini_batches: int, micro_batch_size: int, micro_batch_tokens: int = 0) -> list[list[list[list[int]]]]:
+    """Every rank's micro-batches of every mini-batch of a step batch.
+
+    Rank r trains rows [r*B/R, (r+1)*B/R) and its mini-batch m is the m-th contiguous slice of
+    them (as ``troupe.learner.step.minibatch_norms``). ``micro_batch_tokens`` 0: consecutive
+    micro-batches of ``min(micro_batch_size, rows)`` rows; > 0: ``token_budget_micro_batches`` of
+    each rank's mini-batch rows, every rank with as many micro-batches as the rank that needs the
+    most (all ranks compute the same plan from the whole batch, so no communication is needed).
+
+    Args:
+        prompt_lengths, response_lengths: [B] real token counts of the whole batch's rows.
+        num_ranks, mini_batches: R and M; B must be divisible by R * M.
+        micro_batch_size: rows per micro-batch (``learner.micro_batch_size``; fixed mode).
+        micro_batch_tokens: token budget per micro-batch (``learner.micro_batch_tokens``; 0 = fixed mode).
+    Returns:
+        ``plan[r][m]``: rank r's micro-batches of mini-batch m, lists of row indices into rank r's
+        rows (0 .. B/R - 1). ``len(plan[r][m])`` is the same for every r.
+    Raises:
+        ValueError: B not divisible by R * M, or the packing's errors.
+    """
+    B = len(prompt_lengths)
+    if len(response_lengths) != B:
+        raise ValueError(f"micro_batch_plan: {B} prompt lengths but {len(response_lengths)} response lengths")
+    if B == 0 or B % (num_ranks * mini_batches):
+        raise ValueError(f"micro_batch_plan: batch of {B} rows is not divisible by learner.num_ranks ({num_ranks}) "
+                         f"x algo.mini_batches ({mini_batches})")
+    per, rows = B // num_ranks, B // num_ranks // mini_batches
+    if not micro_batch_tokens:
+        micro = min(micro_batch_size, rows)
+        one = [[list(range(s, min(s + micro, e))) for s in range(m * rows, e, micro)]
+               for m, e in ((m, (m + 1) * rows) for m in range(mini_batches))]
+        return [one for _ in range(num_ranks)]
+    plan: list[list[list[list[int]]]] = [[] for _ in range(num_ranks)]
+    for m in range(mini_batches):
+        starts = [r * per + m * rows for r in range(num_ranks)]
+        lens = [([int(prompt_lengths[s + i]) for i in range(rows)], [int(response_lengths[s + i]) for i in range(rows)])
+                for s in starts]
+        count = max(len(token_budget_micro_batches(p, t, micro_batch_tokens)) for p, t in lens)
+        for r, (p, t) in enumerate(lens):
+            plan[r].append([[m * rows + i for i in mb] for mb in token_budget_micro_batches(p, t, micro_batch_tokens, count)])
+    return plan
+
+
+def padding_share(prompt_lengths: Sequence[int], response_lengths: Sequence[int], micro_batches: list[list[int]]) -> float:
+    """Share of padding in the forward passes of ``micro_batches`` (row index lists), each trimmed to its own
+    longest prompt and response (``trim_padding``): 1 - real tokens / (sum over micro-batches of rows x width)."""
+    real = padded = 0
+    for mb in micro_batches:
+        p = [int(prompt_lengths[i]) for i in mb]
+        t = [int(response_lengths[i]) for i in mb]
+        real += sum(p) + sum(t)
+        padded += len(mb) * (max(p) + max(1, max(t)))
+    return 1.0 - real / padded if padded else 0.0

@@ -10,7 +10,25 @@ every rank from the whole batch), so the mini-batch loss is the
 SUM over micro-batches and ranks. DeepSpeed divides by gradient_accumulation_steps in
 ``backward`` and averages gradients over ranks, so each micro-batch loss is multiplied by
 ``gas * world_size`` before ``backward``: the gradient is then exactly that of the full
-mini-batch, whatever the micro-batch size and number of ranks.
+mini-batch, whatever the micro-batch size and number of ranks. (``gas`` is the nominal count
+DeepSpeed was started with; the scale undoes DeepSpeed's own division, so it holds whatever the
+actual number of micro-batches.)
+
+Micro-batches (``troupe.learner.batch.micro_batch_plan``): ``learner.micro_batch_size`` rows at
+a time, or with ``learner.micro_batch_tokens`` > 0 each rank's rows sorted by length and packed
+into micro-batches of at most that many padded tokens (OpenRLHF/veRL), every rank running as many
+micro-batches as the rank that needs the most (each forward and backward is collective under
+ZeRO-2/3). Each micro-batch is trimmed to its own longest prompt and response
+(``trim_padding``). As the count varies, the optimizer step is marked with DeepSpeed's
+``set_gradient_accumulation_boundary`` (True on a mini-batch's last micro-batch) instead of its
+fixed micro-step counter. The old and reference log-probs are computed on the same micro-batches.
+
+Old log-probs: with one epoch and one mini-batch (and the KL not in the reward, which needs them
+before the advantages) the weights do not change before the batch's only optimizer step, so the
+old log-probs equal the training forward's, detached (TRL's convention: ratio exactly 1). The
+separate no-grad forward over the batch is then skipped and each micro-step uses its own
+detached log-probs; "logprob_mismatch" and the TIS weights min(exp(old - sampling), cap) come
+from those. ``learner.skip_old_forward: false`` runs the separate forward anyway (same update).
 """
 
 from __future__ import annotations
@@ -24,8 +42,9 @@ import torch
 
 from troupe.configs.schema import AlgoConfig, RunConfig
 from troupe.core.types import TrainBatch
+from troupe.core.weights import WeightBucket, peak_rss, peak_rss_reset, plan_buckets, rss_bytes, trim_heap
 from troupe.learner import grpo
-from troupe.learner.batch import response_logprobs, token_logprobs
+from troupe.learner.batch import micro_batch_plan, response_logprobs, token_logprobs, trim_padding
 from troupe.learner.losses import LossNorm, sequence_kl
 from troupe.learner.registry import LossInputs
 from troupe.learner.step import minibatch_norms, step_advantages
@@ -79,6 +98,8 @@ class ZeroRank:
         torch.manual_seed(seed)
         self.zero_stage = 0
         self.optimizer_steps = 0
+        self._weight_sink = None  # the weight-sync sink of open_weight_sink (rank 0 uses it)
+        self._weight_plans: dict[int, list[WeightBucket]] = {}  # weight_buckets() per bucket size
 
     def _start_engine(self, model, lc, *, micro: int, gas: int, dtype: str) -> None:
         """``self.engine``: DeepSpeed around ``model`` with AdamW and ZeRO from ``lc`` (a LearnerConfig)."""
@@ -159,6 +180,128 @@ class ZeroRank:
         os.replace(tmp, path)
         return path
 
+    # ------------------------------------------------ bucketed weight export: the weight sync's sender
+
+    def weight_buckets(self, bucket_bytes: int) -> list[WeightBucket]:
+        """The weight-sync layout: the parameters cut into buckets of whole decoder layers of at most
+        ``bucket_bytes`` each (``troupe.core.weights.plan_buckets``; the same on every rank; cached).
+
+        Full shapes (``ds_shape`` under ZeRO-3) in the model's dtype, keyed like the HF checkpoint;
+        tied weights under both names (see :meth:`full_state_dict`). Raises ``ValueError`` for
+        ``bucket_bytes`` < 1 (naming ``sync.bucket_mb``).
+        """
+        if bucket_bytes not in self._weight_plans:
+            params = [(n, str(p.dtype).split(".")[-1], tuple(getattr(p, "ds_shape", p.shape)),
+                       getattr(p, "ds_numel", p.numel()) * p.element_size())
+                      for n, p in self.engine.module.named_parameters(remove_duplicate=False)]
+            self._weight_plans[bucket_bytes] = plan_buckets(params, bucket_bytes)
+        return self._weight_plans[bucket_bytes]
+
+    def open_weight_sink(self, sink) -> object:
+        """Keep ``sink`` for the following :meth:`send_weight_bucket` calls (replacing any earlier one).
+
+        A sink is any object with ``put(bucket, tensors) -> descriptor``, called on rank 0 once per
+        bucket (``troupe.cluster.weight_sync`` defines one per transport; this module never sees
+        the transport). Returns ``sink.open(rank)`` when the sink has an ``open`` method, else None.
+        """
+        self.close_weight_sink()
+        self._weight_sink = sink
+        opener = getattr(sink, "open", None)
+        return opener(self.rank) if callable(opener) else None
+
+    def close_weight_sink(self) -> None:
+        """Drop the open sink (calling its ``close()`` if it has one); safe without one."""
+        sink, self._weight_sink = self._weight_sink, None
+        closer = getattr(sink, "close", None)
+        if callable(closer):
+            closer()
+
+    def send_weight_bucket(self, index: int, bucket_bytes: int) -> dict:
+        """Send bucket ``index`` of ``weight_buckets(bucket_bytes)`` into the open sink.
+
+        Every rank must call it, with the same arguments and the buckets in the same order. Two ways:
+
+        * gathered (any ZeRO stage): under ZeRO-3 every rank gathers this bucket's parameters
+          collectively (``deepspeed.zero.GatheredParameters`` on those parameters only), so no rank
+          ever holds more gathered parameters than one bucket's, beyond its own partition and the
+          small parameters DeepSpeed keeps whole on every rank (``stage3_param_persistence_threshold``);
+          rank 0 calls ``sink.put(bucket, {name: full tensor})`` inside the gather (the gathered
+          parameters themselves, no copy, valid during the call only). After the gather the freed
+          heap memory is handed back to the kernel (``troupe.core.weights.trim_heap``): glibc
+          otherwise kept it resident bucket after bucket. Under ZeRO-0/1/2 the parameters are whole
+          on every rank already.
+        * partitioned (ZeRO-3, a sink with ``partitioned = True``, e.g. a file every rank can write):
+          no gather at all; every rank calls ``sink.put_partitions(bucket, {name: (flat tensor,
+          first element)}, rank)`` with its own ZeRO-3 partition of each parameter (DeepSpeed's
+          layout: rank r holds elements [r*s, (r+1)*s) of the flattened parameter, s =
+          ``ds_tensor.ds_numel``, the last partition padded), the valid elements only.
+
+        Returns:
+            {"descriptor": what ``put``/``put_partitions`` returned (rank 0; None on the other ranks
+             when gathered), "held_bytes": bytes of whole (un-partitioned) parameters this rank held
+             meanwhile, measured on the module (the whole model under ZeRO-0/1/2), "seconds": the
+             whole call, "put_seconds": the sink's share}.
+        Raises:
+            RuntimeError: no open sink (:meth:`open_weight_sink`) where one is needed.
+            IndexError: ``index`` is not a bucket of the layout.
+        """
+        import deepspeed
+
+        t0 = time.time()
+        buckets = self.weight_buckets(bucket_bytes)
+        if not 0 <= index < len(buckets):
+            raise IndexError(f"weight bucket {index} of a {len(buckets)}-bucket layout")
+        sink = self._weight_sink
+        partitioned = self.zero_stage == 3 and bool(getattr(sink, "partitioned", False))
+        if sink is None and (self.rank == 0 or partitioned):
+            raise RuntimeError(f"send_weight_bucket: no weight sink open on rank {self.rank} (open_weight_sink)")
+        bucket = buckets[index]
+        module = self.engine.module
+        if index == 0 and self.zero_stage == 3 and any(
+                p.data.numel() and not getattr(p, "ds_persist", True) for p in module.parameters()):
+            # a no-grad forward (sequence_logprobs, the old log-probs) leaves ZeRO-3 parameters gathered
+            # (DeepSpeed's partition_all_parameters docstring; measured: the whole model held after the
+            # sync check's forward): release them (a local operation) so the sync holds one bucket. The
+            # optimizer's method, not the engine's, which adds a gc.collect() (0.4-0.7 s measured here)
+            self.engine.optimizer.empty_partition_cache()
+        named = dict(module.named_parameters(remove_duplicate=False))
+        if partitioned:
+            import torch.distributed as dist
+
+            parts = {}
+            for e in bucket.entries:
+                p = named[e.name]
+                size = p.ds_tensor.ds_numel
+                start = size * dist.get_rank(group=p.ds_process_group)
+                parts[e.name] = (p.ds_tensor.narrow(0, 0, max(0, min(size, p.ds_numel - start))), start)
+            held = sum(p.data.numel() * p.element_size() for p in module.parameters())
+            t1 = time.time()
+            descriptor = sink.put_partitions(bucket, parts, self.rank)
+            t_put = time.time() - t1
+            return {"descriptor": descriptor, "held_bytes": held, "seconds": time.time() - t0, "put_seconds": t_put}
+        params = list({id(named[e.name]): named[e.name] for e in bucket.entries}.values())
+        descriptor, t_put = None, 0.0
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.zero_stage == 3):
+            held = sum(p.data.numel() * p.element_size() for p in module.parameters())
+            t1 = time.time()
+            if self.rank == 0:
+                descriptor = sink.put(bucket, {e.name: named[e.name].data for e in bucket.entries})
+                t_put = time.time() - t1
+        if self.zero_stage == 3:
+            trim_heap()  # the gather's freed buffers would stay resident, bucket after bucket (trim_heap docs)
+        return {"descriptor": descriptor, "held_bytes": held, "seconds": time.time() - t0, "put_seconds": t_put}
+
+    def peak_memory(self, reset: bool = False) -> dict:
+        """This rank process's resident memory (Linux): {"rss", "peak"} in bytes.
+
+        ``reset=True`` first resets the kernel's peak (``troupe.core.weights.peak_rss_reset``), so the
+        ``peak`` of a later call is the highest resident size since this one: the weight sync's
+        tests and benchmark measure the sender's memory with it. Raises ``OSError`` off Linux.
+        """
+        if reset:
+            peak_rss_reset()
+        return {"rss": rss_bytes(), "peak": peak_rss()}
+
     def _set_lr(self, base_lr: float, warmup_steps: int) -> None:
         """Linear warm-up: optimizer step k (0-based) uses lr * min(1, (k + 1) / warmup_steps).
 
@@ -177,7 +320,8 @@ class LearnerRank(ZeroRank):
     Protocol (every call is made on every rank; each is collective under ZeRO-3):
 
     * ``train_step(batch) -> metrics``: the whole step on this rank's rows of ``batch``
-      (rows [r*B/R, (r+1)*B/R)): old and reference log-probs, advantages of the whole batch
+      (rows [r*B/R, (r+1)*B/R)): old (unless skipped, module docstring) and reference log-probs,
+      advantages of the whole batch
       (``troupe.learner.step``; KL sums all-gathered when the KL is in the reward), the clipped
       update over ``algo.ppo_epochs`` x ``algo.mini_batches``. Nothing is kept between calls.
     * ``sequence_logprobs(token_ids, start)``: the sync check's learner side.
@@ -251,10 +395,39 @@ class LearnerRank(ZeroRank):
         return lp, grpo.entropy_from_logits(lg)
 
     @torch.no_grad()
-    def _logprobs(self, model, b: TrainBatch) -> torch.Tensor:
-        chunks = [self._forward_logprobs(model, b.select(slice(i, i + self.micro)))[0].cpu()
-                  for i in range(0, b.size, self.micro)]
-        return torch.cat(chunks)
+    def _logprobs(self, model, micros: list[list[tuple[torch.Tensor, TrainBatch]]], shard: TrainBatch) -> torch.Tensor:
+        """[B_shard, T] float32 log-probs of the shard's response tokens under ``model``, one no-grad forward per
+        micro-batch of ``micros`` (0 beyond a micro-batch's trimmed width, where the response mask is 0)."""
+        out = torch.zeros(shard.size, shard.response_len)
+        for mb in micros:
+            for idx, part in mb:
+                out[idx, :part.response_len] = self._forward_logprobs(model, part)[0].cpu()
+        return out
+
+    def _micro_batches(self, batch: TrainBatch, shard: TrainBatch) -> list[list[tuple[torch.Tensor, TrainBatch]]]:
+        """Per mini-batch, this rank's micro-batches: (row indices into ``shard``, those rows with their padding
+        trimmed). Fixed ``learner.micro_batch_size`` rows, or ``learner.micro_batch_tokens`` token budgets
+        (``troupe.learner.batch.micro_batch_plan``: the same number of micro-batches on every rank)."""
+        plan = micro_batch_plan(batch.attention_mask[:, :batch.prompt_len].sum(1).tolist(),
+                                batch.response_lengths.tolist(), num_ranks=self.world,
+                                mini_batches=self.algo.mini_batches, micro_batch_size=self.lc.micro_batch_size,
+                                micro_batch_tokens=self.lc.micro_batch_tokens)[self.rank]
+        out = []
+        for mb in plan:
+            parts = []
+            for rows in mb:
+                idx = torch.tensor(rows, dtype=torch.long)
+                sel = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else idx
+                parts.append((idx, trim_padding(shard.select(sel))))
+            out.append(parts)
+        return out
+
+    def skips_old_forward(self) -> bool:
+        """Whether this step takes the old log-probs from the training forward (module docstring): one epoch, one
+        mini-batch, KL not in the reward, and ``learner.skip_old_forward`` on."""
+        a = self.algo
+        return bool(self.lc.skip_old_forward and a.ppo_epochs == 1 and a.mini_batches == 1
+                    and not (a.kl_in == "reward" and a.kl_coef > 0))
 
     def sequence_logprobs(self, token_ids: list[int], start: int) -> list[float]:
         """Learner log-probs (temperature 1) of ``token_ids[start:]`` given their prefix, for the sync check.
@@ -288,40 +461,63 @@ class LearnerRank(ZeroRank):
             Metrics (floats): the loss's (averaged over micro-batches; "loss" is the mini-batch
             loss), "grad_norm", "lr", "entropy", "logprob_mismatch" (mean |old - sampling| over this
             rank's response tokens), "faults/nonfinite_steps" (optimizer steps skipped as not
-            finite; their "grad_norm" is inf or nan), the advantage statistics of ``troupe.learner.step.step_advantages``
-            and "learn_seconds".
+            finite; their "grad_norm" is inf or nan), the advantage statistics of ``troupe.learner.step.step_advantages``,
+            "learn_seconds" and its parts "learn/old_logprob_seconds" (0 when the old forward is skipped),
+            "learn/ref_logprob_seconds", "learn/update_seconds"; "learn/micro_batches" (this rank's forward/backward
+            passes) and "learn/padding_frac" (padded share of the tokens those passes ran on).
         """
-        t0 = time.time()
+        t0 = time.perf_counter()
         rows = self._rows(batch.size)
         shard = batch.select(rows)
-        old = self._logprobs(self.engine.module, shard)
-        ref = self._logprobs(self.ref, shard) if self.ref is not None else None
+        micros = self._micro_batches(batch, shard)
+        skip = self.skips_old_forward()
+        t_plan = time.perf_counter()
+        old = None if skip else self._logprobs(self.engine.module, micros, shard)
+        t_old = time.perf_counter()
+        ref = self._logprobs(self.ref, micros, shard) if self.ref is not None else None
+        t_ref = time.perf_counter()
         kl = None
         if self.algo.kl_in == "reward" and self.algo.kl_coef > 0:
             kl = self._all_gather(sequence_kl(old, ref, shard.response_mask, self.algo.kl_estimator))
         adv, stats = step_advantages(batch, self.algo, self.rollout.group_size, self.rollout.max_new_tokens, kl)
         norms = minibatch_norms(batch.response_mask, self.world, self.algo.mini_batches, self.algo.loss_agg,
                                 self.rollout.max_new_tokens)
-        out = self._update(shard, old, ref, adv[rows], norms)
+        if skip:  # filled by the micro-steps with the detached training log-probs
+            old = torch.zeros(shard.size, shard.response_len)
+        t_upd = time.perf_counter()
+        out = self._update(micros, old, ref, adv[rows], norms, fill_old=skip)
+        t_end = time.perf_counter()
         mask = shard.response_mask
         out["logprob_mismatch"] = float(((old - shard.sampling_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))
-        out.update(stats, learn_seconds=time.time() - t0)
+        parts = [part for mb in micros for _, part in mb]
+        real = float(sum(part.attention_mask.sum() for part in parts))
+        out["learn/padding_frac"] = 1.0 - real / max(1, sum(part.input_ids.numel() for part in parts))
+        out["learn/micro_batches"] = float(len(parts))
+        out.update(stats, learn_seconds=t_end - t0, **{"learn/old_logprob_seconds": t_old - t_plan,
+                                                         "learn/ref_logprob_seconds": t_ref - t_old,
+                                                         "learn/update_seconds": t_end - t_upd})
         return out
 
-    def _update(self, shard: TrainBatch, old: torch.Tensor, ref: Optional[torch.Tensor], adv: torch.Tensor,
-                norms: list[LossNorm]) -> dict:
-        """``algo.ppo_epochs`` passes of ``len(norms)`` optimizer steps over the shard."""
+    def _update(self, micros: list[list[tuple[torch.Tensor, TrainBatch]]], old: torch.Tensor,
+                ref: Optional[torch.Tensor], adv: torch.Tensor, norms: list[LossNorm], fill_old: bool = False) -> dict:
+        """``algo.ppo_epochs`` passes of ``len(norms)`` optimizer steps, mini-batch m over the micro-batches
+        ``micros[m]``; ``old``, ``ref``, ``adv`` are [B_shard, T]. ``fill_old``: ``old`` is written, not read
+        (one epoch, one mini-batch: each micro-step takes its own detached log-probs as the old ones)."""
         self.engine.train()
-        rows = shard.size // len(norms)
         sums: dict[str, float] = {}
         count, grad_norm, skipped = 0, 0.0, 0
         for _epoch in range(self.algo.ppo_epochs):
-            for m, norm in enumerate(norms):
+            for mb, norm in zip(micros, norms):
                 self._set_lr(self.lc.lr, self.lc.warmup_steps)
                 self._grads_dropped = False
-                for i in range(m * rows, (m + 1) * rows, self.micro):
-                    part = slice(i, min(i + self.micro, (m + 1) * rows))
-                    met = self._micro_step(shard.select(part), old[part], None if ref is None else ref[part], adv[part], norm)
+                for j, (idx, part) in enumerate(mb):
+                    t = part.response_len
+                    # the number of micro-batches varies with a token budget: mark the optimizer step ourselves
+                    self.engine.set_gradient_accumulation_boundary(j == len(mb) - 1)
+                    met, used = self._micro_step(part, None if fill_old else old[idx, :t],
+                                                 None if ref is None else ref[idx, :t], adv[idx, :t], norm)
+                    if fill_old:
+                        old[idx, :t] = used.cpu()
                     for k, v in met.items():
                         sums[k] = sums.get(k, 0.0) + v
                     count += 1
@@ -338,11 +534,16 @@ class LearnerRank(ZeroRank):
         out["faults/nonfinite_steps"] = float(skipped)
         return out
 
-    def _micro_step(self, micro: TrainBatch, old: torch.Tensor, ref: Optional[torch.Tensor], adv: torch.Tensor,
-                    norm: LossNorm) -> dict:
-        lp, ent = self._forward_logprobs(self.engine.module, micro, with_entropy=True)
+    def _micro_step(self, micro: TrainBatch, old: Optional[torch.Tensor], ref: Optional[torch.Tensor],
+                    adv: torch.Tensor, norm: LossNorm) -> tuple[dict, torch.Tensor]:
+        """Forward, loss, backward and ``engine.step`` of one micro-batch (all [n, T'] over its trimmed width);
+        ``old`` None: the detached log-probs of this forward. Returns (metrics, the old log-probs used)."""
+        # through the engine, not engine.module: DeepSpeed's forward starts a new micro-step of gradient
+        # accumulation (ZeRO-3 otherwise overwrites, not adds, each micro-batch's gradient partition)
+        lp, ent = self._forward_logprobs(self.engine, micro, with_entropy=True)
         dev = lp.device
-        inp = LossInputs(lp, old.to(dev), adv.to(dev), micro.response_mask.to(dev), micro.sampling_logprobs.to(dev),
+        old = lp.detach() if old is None else old.to(dev)
+        inp = LossInputs(lp, old, adv.to(dev), micro.response_mask.to(dev), micro.sampling_logprobs.to(dev),
                          None if ref is None else ref.to(dev))
         a = self.algo
         loss, met = grpo.policy_loss(inp, a.policy_loss, norm, tis_cap=a.tis_cap,
@@ -366,7 +567,7 @@ class LearnerRank(ZeroRank):
         out = {k: float(v) for k, v in met.items()}
         out["entropy"] = float((ent * mask).sum() / mask.sum().clamp(min=1))
         out["loss"] = float(loss.detach())
-        return out
+        return out, old
 
     def _stage0_grad_norm(self) -> float:
         """ZeRO-0's global gradient norm (DeepSpeed reports none without a ZeRO optimizer), and its NaN guard.

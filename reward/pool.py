@@ -55,6 +55,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from troupe.configs.schema import RewardConfig
 from troupe.core.steps import step_texts
+from troupe.core.threads import threads_for_cpus, with_thread_env
 from troupe.core.types import Group
 from troupe.reward.scoring import (
     UNROUTED,
@@ -234,7 +235,9 @@ class RewardPool:
             that always kills its worker forever; see module doc).
         heartbeat_s: seconds a busy worker may leave a ping unanswered before it counts as
             wedged (layer 3); default ``max(60, 3 * cfg.timeout_s)``; None disables the check.
-        runtime_env: optional Ray runtime_env for the actors (e.g. PYTHONPATH for plugins).
+        runtime_env: optional Ray runtime_env for the actors (e.g. PYTHONPATH for plugins). Every actor's
+            gets ``troupe.core.threads.cpu_thread_env(floor(CPUs per actor), at least 1)`` added: thread
+            variables from its CPUs, not the shell's (variables set here win).
         wait_ready: block until every actor has loaded its functions (load errors surface
             here instead of at the first ``get``).
     Raises:
@@ -283,8 +286,8 @@ class RewardPool:
             max_task_retries=max_task_retries,
             concurrency_groups={_HEALTH_GROUP: 1},
         )
-        if runtime_env:
-            options["runtime_env"] = runtime_env
+        # the actors' thread variables from their CPUs, not from the shell (troupe.core.threads)
+        options["runtime_env"] = with_thread_env(runtime_env, threads_for_cpus(cpus))
         self._actor_cls = ray.remote(**options)(RewardWorker)
         self._workers = [self._new_worker() for _ in range(cfg.num_workers)]
         self._inflight: list[list[ray.ObjectRef]] = [[] for _ in self._workers]

@@ -7,19 +7,27 @@ those of the distribution actually sampled from (after temperature), which is wh
 compares against (learner logits are divided by the same temperature).
 
 Weight reload goes through a vLLM worker extension (``WeightReloadExtension``): the worker
-reads a safetensors file and calls vLLM's in-place ``reload_weights`` (plain
+reads the weights from a file and calls vLLM's in-place ``reload_weights`` (plain
 ``model.load_weights`` fails on the CPU backend after the first load, see docs/design.md), then
-the prefix cache is reset so no KV computed by old weights is reused.
+the prefix cache is reset so no KV computed by old weights is reused. The weight sync
+(``troupe.cluster.weight_sync``) streams buckets of whole decoder layers (``troupe.core.weights``):
+``begin_weights``, one ``load_weight_bucket`` per bucket (the worker maps the bucket's bytes and
+reloads from zero-copy views; one ``reload_weights`` call per bucket, which vLLM handles as long as
+no layer is split), ``finish_weights``; or, for GPU engines, vLLM's own NCCL weight transfer
+(``init_weight_transfer``, ``receive_weight_bucket``). ``load_weights`` reloads one safetensors file.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Union
 
 from troupe.configs.schema import RolloutConfig
 from troupe.core.steps import decoded_prefix_lengths, split_steps, step_token_ends
+from troupe.core.threads import THREAD_VARS
 from troupe.core.types import Group, Prompt, Sample, Sampling
+from troupe.core.weights import WeightBucket, array_bytes
 
 
 class WeightReloadExtension:
@@ -46,6 +54,51 @@ class WeightReloadExtension:
             is_checkpoint_format=True,
         )
         return len(state)
+
+    def troupe_load_bucket(self, path: str, base: int, nbytes: int, wire: list) -> int:
+        """Reload one weight bucket (``troupe.core.weights``) straight from the file at ``path``.
+
+        The bytes ``[base, base + nbytes)`` of the file (``base`` page aligned) are mapped
+        copy-on-write and each tensor is a zero-copy view into them, handed to vLLM's in-place
+        ``reload_weights`` (which copies it into the layer and repacks the layer). The bucket must
+        hold whole decoder layers (see the module doc of ``troupe.core.weights``): layers it does
+        not name keep their weights. Returns the number of tensors loaded.
+        """
+        import mmap
+        import warnings
+
+        from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+        from troupe.core.weights import entries_from_wire, tensor_views
+
+        entries = entries_from_wire(wire)
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), nbytes, offset=base, access=mmap.ACCESS_COPY)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                views = tensor_views(mm, entries)
+            reload_weights(
+                self.vllm_config,  # type: ignore[attr-defined]
+                self.model_runner.get_model(),  # type: ignore[attr-defined]
+                weights_iterator=iter(views),
+                weights_path=None,
+                is_checkpoint_format=True,
+            )
+            return len(views)
+        finally:
+            views = None
+            try:
+                mm.close()
+            except BufferError:  # a view still referenced somewhere: the mapping goes with it
+                pass
+
+    def troupe_thread_env(self) -> dict:
+        """This worker process's thread variables (``troupe.core.threads.THREAD_VARS``, None when unset)
+        and ``torch_threads``: ``torch.get_num_threads()`` here, where the model runs."""
+        import torch
+
+        return {**{k: os.environ.get(k) for k in THREAD_VARS}, "torch_threads": torch.get_num_threads()}
 
 
 class RolloutEngine:
@@ -82,18 +135,26 @@ class RolloutEngine:
             # lack ("CPU Generator does not use offset"): prefill every prompt whole on CPU
             kw.update(enable_chunked_prefill=False)
         if device == "gpu":
+            # vLLM's NCCL weight-transfer engine (the vllm_nccl sync strategy); inert until
+            # init_weight_transfer is called
             kw.update(gpu_memory_utilization=rollout.gpu_memory_utilization,
-                      tensor_parallel_size=max(1, int(rollout.num_gpus_per_engine)))
+                      tensor_parallel_size=max(1, int(rollout.num_gpus_per_engine)),
+                      weight_transfer_config={"backend": "nccl"})
         t0 = time.time()
         self.llm = LLM(**kw)
         self.start_seconds = time.time() - t0
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
         self.model_path = model_path
+        self.workers = max(1, int(rollout.num_gpus_per_engine)) if device == "gpu" else 1
+        self._incoming: dict | None = None  # the weight update between begin_weights and finish_weights
+        self._bucket_fd: int | None = None  # memfd the object-store buckets are written into
 
     def ready(self) -> dict:
-        """Engine facts once started: start time (s), policy version, eos id."""
-        return {"start_seconds": self.start_seconds, "version": self.version, "eos_token_id": self.tokenizer.eos_token_id}
+        """Engine facts once started: start time (s), policy version, eos id, vLLM worker processes
+        ("workers": the tensor-parallel size on GPUs, 1 on the CPU)."""
+        return {"start_seconds": self.start_seconds, "version": self.version, "eos_token_id": self.tokenizer.eos_token_id,
+                "workers": self.workers}
 
     def generate(self, prompts: list[Prompt], sampling: Sampling, seeds: list[int] | None = None) -> list[Group]:
         """Sample ``sampling.n`` responses per prompt (greedy when temperature == 0 and n == 1).
@@ -167,18 +228,116 @@ class RolloutEngine:
         self.version = version
         return {"version": version, "seconds": time.time() - t0, "tensors": int(n[0]) if n else 0}
 
-    def load_weights_from_store(self, state: dict, version: int, scratch_dir: str) -> dict:
-        """Object-store strategy: ``state`` arrives through Ray; written locally, then reloaded."""
-        from safetensors.torch import save_file
+    # ---------------------------------------------- streamed weight sync (troupe.cluster.weight_sync)
 
-        os.makedirs(scratch_dir, exist_ok=True)
-        path = os.path.join(scratch_dir, f"engine-{os.getpid()}-v{version}.safetensors")
-        save_file(state, path)
-        try:
-            return self.load_weights(path, version)
-        finally:
-            os.remove(path)
+    def begin_weights(self, version: int, num_buckets: int, transfer: str = "file") -> None:
+        """Start receiving ``version`` as ``num_buckets`` buckets (``troupe.core.weights``).
+
+        Then one :meth:`load_weight_bucket` ("file") or :meth:`receive_weight_bucket` ("vllm_nccl":
+        opens vLLM's weight-update session, ``LLM.start_weight_update``) per bucket, in order, then
+        :meth:`finish_weights`. In between the weights are part old, part new: nothing may sample
+        (the engine group sends nothing else meanwhile). Raises ``ValueError`` for another ``transfer``.
+        """
+        if transfer not in ("file", "vllm_nccl"):
+            raise ValueError(f"begin_weights: transfer must be 'file' or 'vllm_nccl', got {transfer!r}")
+        if transfer == "vllm_nccl":
+            self.llm.start_weight_update()
+        self._incoming = {"version": version, "expected": num_buckets, "loaded": 0, "tensors": 0, "load": 0.0,
+                          "transfer": transfer, "t0": time.time()}
+
+    def _bucket_started(self, bucket: WeightBucket, transfer: str) -> dict:
+        inc = self._incoming
+        if inc is None or inc["transfer"] != transfer:
+            raise RuntimeError(f"weight bucket {bucket.index} without begin_weights(..., transfer={transfer!r})")
+        if bucket.index != inc["loaded"]:
+            raise RuntimeError(f"weight bucket {bucket.index} arrived, expected bucket {inc['loaded']}")
+        return inc
+
+    def load_weight_bucket(self, bucket: WeightBucket, data: Union[str, list]) -> dict:
+        """Reload one bucket of the version announced by :meth:`begin_weights` into the running model.
+
+        Args:
+            bucket: the bucket (its tensors' names, dtypes, shapes, offsets).
+            data: a path (str) of a whole-model file that holds the bucket at ``bucket.start`` (shm
+                strategy: the worker maps the file, no copy before vLLM's own), or the bucket's
+                tensors as one uint8 array per entry (object-store strategy: Ray hands them over from
+                the object store, zero-copy on this node). The arrays are written into this engine's
+                own anonymous memory file (``memfd``, reused, one bucket large; it goes with the
+                process) because the model runs in vLLM's worker process, which reads it by path.
+        Returns:
+            {"bucket", "tensors", "seconds"}.
+        Raises:
+            RuntimeError: no ``begin_weights`` ("file"), or buckets out of order.
+            ValueError: arrays that do not match the bucket.
+        """
+        inc = self._bucket_started(bucket, "file")
+        t0 = time.time()
+        if isinstance(data, str):
+            path, base = data, bucket.start
+        else:
+            if self._bucket_fd is None:
+                self._bucket_fd = os.memfd_create("troupe-weight-bucket")
+            array_bytes(data, bucket, self._bucket_fd)
+            path, base = f"/proc/{os.getpid()}/fd/{self._bucket_fd}", 0
+        n = int(self.llm.collective_rpc("troupe_load_bucket", args=(path, base, bucket.nbytes, bucket.wire()))[0])
+        dt = time.time() - t0
+        inc["loaded"] += 1
+        inc["tensors"] += n
+        inc["load"] += dt
+        return {"bucket": bucket.index, "tensors": n, "seconds": dt}
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """vLLM's weight-transfer rendezvous (``LLM.init_weight_transfer_engine``, GPU workers; the engine
+        was started with ``weight_transfer_config`` backend "nccl"). Blocks until the trainer joins."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def receive_weight_bucket(self, bucket: WeightBucket) -> dict:
+        """vllm_nccl strategy: receive one bucket by NCCL broadcast from learner rank 0 into the model
+        (``LLM.update_weights`` with the bucket's names, dtypes and shapes; blocks until rank 0 sends it).
+        Returns {"bucket", "tensors", "seconds"}. Raises ``RuntimeError`` as :meth:`load_weight_bucket`."""
+        inc = self._bucket_started(bucket, "vllm_nccl")
+        t0 = time.time()
+        self.llm.update_weights({"update_info": {"names": [e.name for e in bucket.entries],
+                                                 "dtype_names": [e.dtype for e in bucket.entries],
+                                                 "shapes": [list(e.shape) for e in bucket.entries]}})
+        dt = time.time() - t0
+        inc["loaded"] += 1
+        inc["tensors"] += len(bucket.entries)
+        inc["load"] += dt
+        return {"bucket": bucket.index, "tensors": len(bucket.entries), "seconds": dt}
+
+    def finish_weights(self, version: int) -> dict:
+        """Close the update begun by :meth:`begin_weights`: check every bucket arrived, reset the prefix
+        cache (no KV of old weights is reused), take ``version``.
+
+        Returns {"version", "seconds" (since begin_weights), "load_seconds" (inside the bucket loads),
+        "tensors", "buckets"}. Raises ``RuntimeError`` when the update is not the one begun or a
+        bucket is missing (the engine then keeps its old version number: its weights are mixed).
+        """
+        inc, self._incoming = self._incoming, None
+        if inc is None or inc["version"] != version:
+            raise RuntimeError(f"finish_weights v{version} without begin_weights v{version}")
+        if inc["loaded"] != inc["expected"]:
+            raise RuntimeError(f"weights v{version}: {inc['loaded']} of {inc['expected']} buckets loaded")
+        if inc["transfer"] == "vllm_nccl":
+            self.llm.finish_weight_update()
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return {"version": version, "seconds": time.time() - inc["t0"], "load_seconds": inc["load"],
+                "tensors": inc["tensors"], "buckets": inc["loaded"]}
 
     def get_version(self) -> int:
         """The policy version the engine currently samples with."""
         return self.version
+
+    def thread_env(self) -> dict:
+        """The thread environment the engine runs with, to check what the actor was started with.
+
+        Returns ``{"actor": {...}, "worker": {...}}``: for this actor process and for vLLM's worker
+        process (where the model runs; vLLM may rewrite its variables at spawn), each variable of
+        ``troupe.core.threads.THREAD_VARS`` (None when unset) and ``torch_threads`` (``torch.get_num_threads()``).
+        """
+        import torch
+
+        actor = {**{k: os.environ.get(k) for k in THREAD_VARS}, "torch_threads": torch.get_num_threads()}
+        return {"actor": actor, "worker": self.llm.collective_rpc("troupe_thread_env")[0]}

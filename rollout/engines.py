@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import ray
 
@@ -89,9 +89,10 @@ class EngineGroup:
 
         Args:
             version: the policy version ``load`` brings an engine to (the one the engines just loaded).
-            load: ``load(handle) -> ObjectRef`` of that engine's load call (``load_weights`` or
-                ``load_weights_from_store``); whatever it reads must stay available until the next
-                call here replaces it (``WeightSync`` keeps the file / object ref).
+            load: ``load(handle) -> ObjectRef`` of that engine's (last) load call (``load_weights``,
+                or ``finish_weights`` after a stream of buckets); whatever it reads must stay
+                available until the next call here replaces it (``WeightSync``'s strategy keeps the
+                shm file / object refs).
         """
         self._source = (version, load)
 
@@ -276,13 +277,48 @@ class EngineGroup:
         results = self._each(f"load_weights v{version}", lambda h: h.load_weights.remote(path, version), restore=False)
         return self._check_versions(results, version)
 
-    def load_weights_from_store(self, state_ref: Any, version: int, scratch_dir: str) -> list[dict]:
-        """Every engine fetches the state dict behind ``state_ref`` (Ray object store) and reloads it.
+    def load_weight_stream(self, version: int, calls: Iterable[Callable[[Any], Any]],
+                           reload: Callable[[Any], Any]) -> list[dict]:
+        """Every engine runs a stream of weight-update calls, submitted as the stream yields them; the
+        engines' result is their last call's (``RolloutEngine.finish_weights``: ``{version, ...}``).
 
-        Returns, replaces dead engines and raises as ``load_weights``.
+        ``calls`` yields ``submit(handle) -> ObjectRef`` functions (begin, one per bucket, finish:
+        ``troupe.cluster.weight_sync``); each is submitted to every engine at once, so the engines
+        load bucket i while the caller's generator produces bucket i+1 (a Ray actor runs its calls in
+        order). Once the stream is exhausted the group waits for everything. An engine that died on
+        the way is replaced (``factory``) and brought to ``version`` whole by ``reload(handle) ->
+        ObjectRef`` (the new version's data are complete by then).
+
+        Raises:
+            ActorFailed: an exception inside an engine, a replacement that dies too, a death without
+                factory; RemoteTimeout; ``_replace``'s errors; RuntimeError when an engine reports
+                another version afterwards.
         """
-        results = self._each(f"load_weights_from_store v{version}",
-                             lambda h: h.load_weights_from_store.remote(state_ref, version, scratch_dir), restore=False)
+        handles = list(self._engines)
+        refs: list[list[Any]] = [[] for _ in handles]
+        for submit in calls:
+            for e, h in enumerate(handles):
+                refs[e].append(submit(h))
+        what, names = f"weight sync v{version}", self._names()
+        results: list[Any] = [None] * len(handles)
+        retried: set[int] = set()
+        pending = {e: refs[e] for e in range(len(handles))}
+        while pending:
+            order = [(e, k) for e in sorted(pending) for k in range(len(pending[e]))]
+            try:
+                done = wait_all([pending[e][k] for e, k in order], [names[e] for e, _ in order], what, self.rpc_timeout_s)
+            except ActorFailed as err:
+                i = names.index(err.name)
+                if not err.died or i in retried:
+                    raise
+                retried.add(i)
+                self._replace(i, err, restore=False)
+                pending[i] = [reload(self._engines[i])]
+                continue
+            for (e, k), r in zip(order, done):
+                if k == len(pending[e]) - 1:
+                    results[e] = r
+            pending = {}
         return self._check_versions(results, version)
 
     def sequence_logprobs(self, token_ids: list[int], start: int) -> list[list[float]]:
