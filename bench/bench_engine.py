@@ -19,7 +19,8 @@ Engines:
   as training calls it: ``generate(prompts, Sampling, seeds)`` with one seed per prompt and the
   sampled tokens' log-probs, returning troupe ``Group`` records.
 * ``vllm call``: the same engine object, but one plain ``LLM.generate`` call (one
-  ``SamplingParams``, no per-prompt seeds, no log-probs): what troupe's per-call choices cost.
+  ``SamplingParams`` without a seed, so no per-request generators; no log-probs; vLLM's outputs,
+  not troupe records): what troupe's per-call choices cost.
 * ``vllm defaults`` (``--vllm-defaults``): a plain ``vllm.LLM`` with vLLM's own settings (its
   core binding ``VLLM_CPU_OMP_THREADS_BIND=auto``, chunked prefill, no thread variables set) except
   ``enforce_eager=True`` (CPU graph compilation takes minutes on 2 cores), the plain call.
@@ -139,7 +140,7 @@ def _vllm(model: str, points: list[tuple[int, int]], prompts, repeats: int, thre
     from troupe.rollout.engine import RolloutEngine
 
     def plain(llm, n: int, new: int) -> int:
-        sp = SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=new, seed=0)
+        sp = SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=new)  # the engine's own RNG stream
         outs = llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts[:n]], sp, use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 

@@ -4,7 +4,7 @@ Every call goes to every rank (each is collective under ZeRO-3) and the group re
 caller needs: merged metrics, rank 0's result, or nothing. A step batch of more than
 ``INLINE_BATCH_BYTES`` goes into the Ray object store once and every rank reads it from there; a
 smaller one travels inside each call (Ray inlines arguments under 100 KiB, which skips the object
-store's put and fetch: measured 7.6 -> 4.9 ms per call for a 4-row batch, bench/results/step_fixed_cost.md).
+store's put and fetch: bench/results/step_fixed_cost.md).
 Every rank then trains its own rows.
 """
 
@@ -31,6 +31,12 @@ def batch_bytes(batch: TrainBatch) -> int:
     return sum(t.numel() * t.element_size() for t in (batch.input_ids, batch.attention_mask, batch.response_mask,
                                                        batch.sampling_logprobs, batch.rewards, batch.truncated,
                                                        batch.response_lengths))
+
+
+def inline_batch(batch: TrainBatch) -> bool:
+    """Whether ``LearnerGroup.train_step`` passes ``batch`` by value: tensors of at most ``INLINE_BATCH_BYTES``
+    and no step-reward lists (whose size the tensor bytes do not show)."""
+    return batch.step_rewards is None and batch_bytes(batch) <= INLINE_BATCH_BYTES
 
 
 class LearnerGroup:
@@ -85,8 +91,7 @@ class LearnerGroup:
 
         The batch is put in the object store once, or passed by value when it is small and has no
         step-reward lists (module docstring)."""
-        small = batch.step_rewards is None and batch_bytes(batch) <= INLINE_BATCH_BYTES
-        arg = batch if small else ray.put(batch)
+        arg = batch if inline_batch(batch) else ray.put(batch)
         return mean_dicts(self._wait([r.train_step.remote(arg) for r in self._ranks], "train_step"))
 
     def set_algo(self, algo: AlgoConfig) -> None:

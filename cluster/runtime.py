@@ -252,9 +252,10 @@ def start_actors(cfg: RunConfig, model_path: str, log: Callable[[str], None] = p
 
     The engine group gets ``engine_factory`` to replace dead engines, ``cluster.rpc_timeout_s`` and
     ``cluster.max_engine_failures``; the learner group gets ``cluster.rpc_timeout_s``. ``log`` gets
-    the threads chosen (:func:`describe_thread_env`) and the engine group's restart lines. Blocks until all are ready. Raises ``TimeoutError`` if the
-    placement group cannot be reserved in 120 s (the message lists what was asked for), and the
-    groups' ``ActorFailed`` / ``RemoteTimeout`` if an actor fails or hangs while starting.
+    the threads chosen (:func:`describe_thread_env`) and the engine group's restart lines. Blocks
+    until all are ready. Raises ``TimeoutError`` if the placement group cannot be reserved in 120 s
+    (the message lists what was asked for), and the groups' ``ActorFailed`` / ``RemoteTimeout`` if
+    an actor fails or hangs while starting.
     """
     bundles = _bundles(cfg)
     pg = placement_group(bundles, strategy="PACK")
@@ -281,11 +282,11 @@ def start_engines(cfg: RunConfig, model_path: str, log: Callable[[str], None] = 
 
     The bundles are ``_bundles``' engine bundles and the engines come from ``engine_factory`` (so a
     dead engine is replaced as in a run), with ``cluster.rpc_timeout_s`` and
-    ``cluster.max_engine_failures``; ``log`` gets the threads line and the restart lines. Blocks until every engine is
-    ready. Returns ``(engines, placement group)``: the caller shuts the engines down and removes
-    the group. Raises ``TimeoutError`` if the group cannot be reserved in 120 s, and the engine
-    group's ``ActorFailed`` / ``RemoteTimeout`` if an engine fails or hangs while starting (then
-    the engines and the group are already released).
+    ``cluster.max_engine_failures``; ``log`` gets the threads line (:func:`describe_thread_env`) and
+    the restart lines. Blocks until every engine is ready. Returns ``(engines, placement group)``:
+    the caller shuts the engines down and removes the group. Raises ``TimeoutError`` if the group
+    cannot be reserved in 120 s, and the engine group's ``ActorFailed`` / ``RemoteTimeout`` if an
+    engine fails or hangs while starting (then the engines and the group are already released).
     """
     bundles = _bundles(cfg)[:cfg.rollout.num_engines]  # engines first, then learner ranks
     pg = placement_group(bundles, strategy="PACK")

@@ -66,10 +66,6 @@ from troupe.cluster.learners import LearnerGroup
 from troupe.core.weights import WeightBucket, layout_bytes, tensor_views, write_bucket, write_partitions
 from troupe.rollout.engines import EngineGroup
 
-BUILTIN_STRATEGIES = ("shm", "object_store", "vllm_nccl")
-"""The ``sync.strategy`` names troupe defines (besides "auto")."""
-
-
 class SyncStrategy(ABC):
     """A transport for weight buckets: from learner rank 0 (the sink) into the engines (a load call).
 
@@ -78,7 +74,9 @@ class SyncStrategy(ABC):
 
     1. :meth:`begin` (driver): give the learner ranks the sink that rank 0 will ``put(bucket,
        tensors) -> descriptor`` every gathered bucket into (the default opens ``self.sink(...)`` on
-       the ranks);
+       the ranks); a sink with ``partitioned = True`` is instead called ``put_partitions(bucket,
+       {name: (flat tensor, first element)}, rank)`` on every rank under ZeRO-3, with each rank's
+       own partitions and no gather (``ZeroRank.send_weight_bucket``);
     2. per bucket, once rank 0 has put it (or at once when ``needs_descriptor`` is False, e.g.
        when the engines receive by collective), :meth:`load` (driver): the Ray call that makes one
        engine load that bucket;

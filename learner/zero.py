@@ -76,6 +76,10 @@ class ZeroRank:
     (:class:`LearnerRank`), the Bradley-Terry reward-model trainer
     (``troupe.learner.rm_rank.RewardModelRank``) and the SFT rank (``troupe.learner.sft_rank.SFTRank``).
 
+    Weight export: whole (:meth:`full_state_dict`, :meth:`save_weights`), or bucket by bucket for
+    the weight sync (:meth:`weight_buckets`, :meth:`open_weight_sink`, :meth:`send_weight_bucket`:
+    never the whole model gathered at once; ``troupe.cluster.weight_sync`` supplies the sink).
+
     Args:
         rank, world_size: position in the torch.distributed group.
         master_addr, master_port: rendezvous of the group (rank 0's node).
