@@ -1,8 +1,8 @@
 """Engine throughput (generated tokens/s): troupe's vLLM CPU engine against Hugging Face ``generate``.
 
 The same randomly initialised Qwen2 models, built locally (``troupe.learner.tiny_model``), at two
-sizes (``--models``: ``1m`` = hidden 128, 4 layers, ~1.1M parameters; ``25m`` = hidden 512, 7
-layers, ~27M), the same batches of arithmetic-demo prompts (~20 tokens each, one sample each),
+sizes (``--models``: ``1m`` = hidden 128, 4 layers, 1.03M parameters; ``25m`` = hidden 512, 7
+layers, 26.8M), the same batches of arithmetic-demo prompts (~20 tokens each, one sample each),
 the same response cap, float32, sampling at temperature 1 (no top-k/top-p). Both stop a response
 at EOS; tokens/s counts the response tokens actually generated (EOS included), so a batch that
 finishes early is not credited with tokens it did not make (HF keeps computing finished rows until
@@ -18,15 +18,21 @@ Engines:
   engine settings (eager mode, prefix caching, no chunked prefill, ``processed_logprobs``), called
   as training calls it: ``generate(prompts, Sampling, seeds)`` with one seed per prompt and the
   sampled tokens' log-probs, returning troupe ``Group`` records.
+* ``troupe unseeded``: the same call with ``seeds=None`` (one ``SamplingParams`` for the batch, the
+  engine's own RNG stream): what the per-prompt seeds cost (vLLM 0.32 draws the noise of a request
+  that has its own generator one request at a time, ``vllm/v1/sample/ops/topk_topp_sampler.py``
+  ``random_sample``).
 * ``vllm call``: the same engine object, but one plain ``LLM.generate`` call (one
   ``SamplingParams`` without a seed, so no per-request generators; no log-probs; vLLM's outputs,
   not troupe records): what troupe's per-call choices cost.
 * ``vllm defaults`` (``--vllm-defaults``): a plain ``vllm.LLM`` with vLLM's own settings (its
   core binding ``VLLM_CPU_OMP_THREADS_BIND=auto``, chunked prefill, no thread variables set) except
-  ``enforce_eager=True`` (CPU graph compilation takes minutes on 2 cores), the plain call.
+  ``enforce_eager=True`` (as troupe's default ``rollout.enforce_eager``; graph compilation not timed
+  here), the plain call.
 
-Each point is timed ``--repeats`` times after a small warm-up; the table gives the best run (on a
-shared machine other jobs only add time). The vLLM columns include a worker process and a
+Each point is timed at least ``--repeats`` times after a small warm-up (short points up to 10 times,
+while the runs add up to under 3 s); the wall-clock table gives the fastest run (on a shared
+machine other jobs only add time), the CPU table tokens per CPU-second over all runs. The vLLM columns include a worker process and a
 scheduler process besides the ``--threads`` compute threads; HF runs in one process.
 
 Usage::
@@ -81,20 +87,39 @@ def _prompts(model: str, n: int):
     return prompts
 
 
-def _best(fn, repeats: int) -> tuple[float, int]:
-    """Best wall time of ``repeats`` calls of ``fn() -> tokens``, and the tokens of that call."""
-    best, tokens = float("inf"), 0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and every live descendant (vLLM's
+    engine-core and worker processes)."""
+    import psutil
+
+    me, total = psutil.Process(), 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:  # ended meanwhile
+            pass
+    return total
+
+
+def _best(fn, repeats: int, min_seconds: float = 3.0, max_runs: int = 10) -> tuple[float, int, float]:
+    """Several calls of ``fn() -> tokens`` (at least ``repeats``, more, up to ``max_runs``, while they add
+    up to less than ``min_seconds``: short points get more tries). Returns the fastest call's wall
+    seconds and tokens, and the CPU seconds per token over all the calls (:func:`_cpu_seconds`,
+    which counts in clock ticks: summed over calls, the rounding of short calls averages out)."""
+    best, spent, runs, tokens, cpu = (float("inf"), 0), 0.0, 0, 0, 0.0
+    while runs < repeats or (spent < min_seconds and runs < max_runs):
+        c0, t0 = _cpu_seconds(), time.perf_counter()
         n = fn()
-        t = time.perf_counter() - t0
-        if t < best:
-            best, tokens = t, n
-    return best, tokens
+        t, c = time.perf_counter() - t0, _cpu_seconds() - c0
+        spent, runs, tokens, cpu = spent + t, runs + 1, tokens + n, cpu + c
+        if t < best[0]:
+            best = (t, n)
+    return best[0], best[1], cpu / max(tokens, 1)
 
 
 def _hf(model: str, points: list[tuple[int, int]], prompts, repeats: int) -> dict:
-    """{(prompts, tokens): (seconds, tokens)} for HF generate."""
+    """{(prompts, tokens): (seconds, tokens, CPU seconds per token)} for HF generate (:func:`_best`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,7 +156,8 @@ def _free(llm) -> None:
 
 
 def _vllm(model: str, points: list[tuple[int, int]], prompts, repeats: int, threads: int, defaults: bool) -> dict:
-    """{"troupe" | "vllm call" | "vllm defaults": {(prompts, tokens): (seconds, tokens)}}."""
+    """{"troupe" | "troupe unseeded" | "vllm call" | "vllm defaults": {(prompts, tokens): (seconds, tokens, CPU
+    seconds per token)}} (:func:`_best`)."""
     from vllm import LLM, SamplingParams
 
     from troupe.cluster.runtime import thread_env
@@ -152,13 +178,14 @@ def _vllm(model: str, points: list[tuple[int, int]], prompts, repeats: int, thre
         os.environ.update(thread_env("engine", cfg), VLLM_CPU_KVCACHE_SPACE="1")
         engine = RolloutEngine(model, RolloutConfig(max_model_len=512, kv_cache_gib=1), dtype="float32", seed=0)
 
-        def troupe(n: int, new: int) -> int:
+        def troupe(n: int, new: int, seeded: bool = True) -> int:
             groups = engine.generate(prompts[:n], Sampling(n=1, max_new_tokens=new, temperature=1.0),
-                                     seeds=[1000 + i for i in range(n)])
+                                     seeds=[1000 + i for i in range(n)] if seeded else None)
             return sum(len(s.response_ids) for g in groups for s in g.samples)
 
         troupe(4, 8)
         results["troupe"] = {(n, new): _best(lambda: troupe(n, new), repeats) for n, new in points}
+        results["troupe unseeded"] = {(n, new): _best(lambda: troupe(n, new, False), repeats) for n, new in points}
         results["vllm call"] = {(n, new): _best(lambda: plain(engine.llm, n, new), repeats) for n, new in points}
         _free(engine.llm)
         del engine
@@ -212,9 +239,20 @@ def main() -> int:
                    **_vllm(model, points, prompts, args.repeats, args.threads, args.vllm_defaults)}
         for n, new in points:
             rows.append((name, params, n, new, {k: v[(n, new)] for k, v in timings.items()}))
-            print(name, n, new, {k: (round(s, 3), t) for k, (s, t) in rows[-1][4].items()}, flush=True)
+            print(name, n, new, {k: (round(sec, 3), tok, round(1 / max(cpu, 1e-9))) for k, (sec, tok, cpu) in
+                                 rows[-1][4].items()}, flush=True)
     minutes = (time.time() - t_start) / 60
-    engines = [k for k in ("hf", "troupe", "vllm call", "vllm defaults") if k in rows[0][4]]
+    engines = [k for k in ("hf", "troupe", "troupe unseeded", "vllm call", "vllm defaults") if k in rows[0][4]]
+    head = "| model | parameters | prompts | max new tokens | " + " | ".join(engines) + " | troupe / hf |"
+    rule = "|---|---:|---:|---:|" + "---:|" * len(engines) + "---:|"
+
+    def table(metric) -> list[str]:
+        out = [head, rule]
+        for name, params, n, new, t in rows:
+            v = {e: metric(*t[e]) for e in engines}
+            out.append(f"| {name} | {params / 1e6:.2f}M | {n} | {new} | " + " | ".join(f"{v[e]:,.0f}" for e in engines)
+                       + f" | {v['troupe'] / v['hf']:.2f}x |")
+        return out
 
     lines = [
         "# Engine throughput: troupe's vLLM CPU engine vs Hugging Face generate",
@@ -222,21 +260,29 @@ def main() -> int:
         f"Generated by `python bench/bench_engine.py {' '.join(sys.argv[1:])}` on {_dt.datetime.now():%Y-%m-%d %H:%M} "
         f"in {minutes:.1f} min; {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}, vLLM {vllm.__version__}; "
-        f"{args.threads} compute thread(s) per engine; float32, temperature 1, one sample per prompt, best of "
-        f"{args.repeats} runs. 1-minute load average {load0:.1f} before the run and {os.getloadavg()[0]:.1f} after "
-        "(other jobs share this machine). Columns: generated tokens/s (EOS included, see the script's docstring); "
-        "`troupe` = `RolloutEngine.generate` as training calls it, `vllm call` = the same engine, one plain "
-        "`LLM.generate` call" + (", `vllm defaults` = a plain `vllm.LLM` with vLLM's own settings (eager)" if
-                                  "vllm defaults" in engines else "") + "; ratio = troupe / hf.",
+        f"{args.threads} compute thread(s) per engine; float32, temperature 1, one sample per prompt, fastest of "
+        f"at least {args.repeats} runs (up to 10 while under 3 s in all). 1-minute load average {load0:.1f} before "
+        f"the run and {os.getloadavg()[0]:.1f} after (other jobs share this machine). Tokens are the response tokens "
+        "generated, EOS included (the script's docstring). Engines: `hf` = transformers `generate`; `troupe` = "
+        "`RolloutEngine.generate` as training calls it (one seed per prompt, log-probs, troupe records); `troupe "
+        "unseeded` = the same without per-prompt seeds; `vllm call` = the same engine, one plain `LLM.generate` call"
+        + (", `vllm defaults` = a plain `vllm.LLM` with vLLM's own settings (eager)" if "vllm defaults" in engines
+           else "") + ".",
         "",
-        "| model | parameters | prompts | max new tokens | " + " | ".join(f"{e} tokens/s" for e in engines)
-        + " | troupe / hf | tokens (hf, troupe) |",
-        "|---|---:|---:|---:|" + "---:|" * len(engines) + "---:|---|",
+        "Generated tokens per second (wall clock):",
+        "",
+        *table(lambda sec, tok, cpu: tok / sec),
+        "",
+        "Generated tokens per CPU-second, over all the runs of a point (user + system time of the engine's "
+        "processes: this process, and vLLM's engine-core and worker processes; less sensitive to other jobs on the "
+        "machine than wall time, but it counts time spent spinning while waiting for a core):",
+        "",
+        *table(lambda sec, tok, cpu_per_token: 1.0 / max(cpu_per_token, 1e-9)),
+        "",
+        "| model | prompts | max new tokens | tokens generated (hf, troupe) |",
+        "|---|---:|---:|---|",
+        *[f"| {name} | {n} | {new} | {t['hf'][1]}, {t['troupe'][1]} |" for name, _, n, new, t in rows],
     ]
-    for name, params, n, new, t in rows:
-        rate = {e: t[e][1] / t[e][0] for e in engines}
-        lines.append(f"| {name} | {params / 1e6:.2f}M | {n} | {new} | " + " | ".join(f"{rate[e]:,.0f}" for e in engines)
-                     + f" | {rate['troupe'] / rate['hf']:.2f}x | {t['hf'][1]}, {t['troupe'][1]} |")
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

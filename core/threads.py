@@ -4,10 +4,11 @@ Every Ray worker inherits the environment of the process that started the raylet
 for the embedded local cluster; the shell of ``ray start`` otherwise), and Ray itself only
 fills in ``OMP_NUM_THREADS`` when it is unset. A shell with ``MKL_NUM_THREADS=2`` (common on
 HPC nodes) therefore reaches vLLM's CPU worker, whose OpenMP threads vLLM binds to the cores it
-picks itself: two MKL threads then fight for one bound core and generation on the arithmetic
-demo's model went from 0.4 s to 5.4-8.3 s per call (measured on 2 cores, docs/design.md). The
-actors' thread variables are therefore always set by troupe (``troupe.cluster.runtime.thread_env``,
-``troupe.reward.pool.RewardPool``): one count per actor, from the CPUs it reserves.
+picks itself: two MKL threads then fight for one bound core, and sampling 16 prompts x 8 x 32
+tokens on the demo-size model took 4.86 s instead of 0.41 s (best of 5, 2 cores; docs/design.md,
+tests/test_threads_slow.py). The actors' thread variables are therefore always set by troupe
+(``troupe.cluster.runtime.thread_env``, ``troupe.reward.pool.RewardPool``): one count per actor,
+from the CPUs it reserves.
 
 Pure functions; no torch, no Ray.
 """
