@@ -223,8 +223,8 @@ def micro_batch_plan(prompt_lengths: Sequence[int], response_lengths: Sequence[i
     per, rows = B // num_ranks, B // num_ranks // mini_batches
     if not micro_batch_tokens:
         micro = min(micro_batch_size, rows)
-        one = [[list(range(s, min(s + micro, e))) for s in range(m * rows, e, micro)]
-               for m, e in ((m, (m + 1) * rows) for m in range(mini_batches))]
+        one = [[list(range(s, min(s + micro, (m + 1) * rows))) for s in range(m * rows, (m + 1) * rows, micro)]
+               for m in range(mini_batches)]
         return [one for _ in range(num_ranks)]
     plan: list[list[list[list[int]]]] = [[] for _ in range(num_ranks)]
     for m in range(mini_batches):
