@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from troupe.configs.schema import AlgoConfig, RunConfig
+from troupe.core.ds_ops import clear_stale_locks
 from troupe.core.types import TrainBatch
 from troupe.core.weights import WeightBucket, peak_rss, peak_rss_reset, plan_buckets, rss_bytes, trim_heap
 from troupe.learner import grpo
@@ -97,6 +98,8 @@ class ZeroRank:
             torch.set_num_threads(torch_threads)
         import deepspeed
 
+        for lock in clear_stale_locks():  # left by a build killed mid-way: torch would wait on it forever
+            print(f"learner rank {rank}: removed a stale DeepSpeed build lock {lock}", flush=True)
         self.rank, self.world = rank, world_size
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
         torch.manual_seed(seed)

@@ -21,3 +21,6 @@ else
 fi
 pip install -q -c "constraints/${variant}.txt" -e ".[dev]"
 .venv/bin/python -c "import torch, vllm, ray, deepspeed, transformers, pydantic; print('troupe env ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
+# DeepSpeed's CPU ops (shm comm, Adam) compile here, once, not inside the first run's learner actors
+# (minutes on 2 cores, and a build killed there leaves a lock that hangs every later start: core/ds_ops.py)
+if [ "$variant" = cpu ]; then .venv/bin/python -m troupe.core.ds_ops 2> >(grep -v "\[WARNING\]" >&2); fi

@@ -1,0 +1,103 @@
+"""DeepSpeed's JIT-built C++ ops on CPU: built once at set-up, never first inside a learner actor.
+
+DeepSpeed compiles two C++ extensions the first time a CPU learner starts: ``deepspeed_shm_comm``
+(``deepspeed.init_distributed``) and ``fused_adam`` (``deepspeed.initialize`` with AdamW), with
+torch's ``cpp_extension`` under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``).
+Two things go wrong when that happens inside Ray actors:
+
+* it takes minutes on a small machine (``fused_adam``: about 4 min on 2 cores), all of it inside
+  the first run's start-up;
+* torch guards each build with a ``lock`` file (``FileBaton``) that it never expires: a process
+  killed mid-build (a timeout, Ctrl-C, ``ray stop``) leaves the file behind and every later learner
+  waits on it forever, silently. (This hung troupe's CI for 80 minutes.)
+
+So ``scripts/setup.sh`` runs ``python -m troupe.core.ds_ops`` after installing (one process,
+nothing else building), and :class:`troupe.learner.zero.ZeroRank` calls :func:`clear_stale_locks`
+before DeepSpeed loads its ops, so a lock older than any real build is removed with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+#: DeepSpeed CPU op builders troupe's learner loads (``deepspeed.ops.op_builder.cpu``)
+CPU_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder")
+#: a build lock older than this (seconds) has no live builder behind it (a real build takes < 10 min)
+STALE_LOCK_S = 1200.0
+
+
+def extensions_dir() -> Path:
+    """Where torch's ``cpp_extension`` builds and caches extensions (its own rule, without importing it)."""
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if env:
+        return Path(env)
+    import sys
+
+    import torch
+
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_" + \
+        ("cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}")
+    return Path.home() / ".cache" / "torch_extensions" / tag
+
+
+def clear_stale_locks(max_age_s: float = STALE_LOCK_S, root: Path | None = None) -> list[Path]:
+    """Remove build ``lock`` files older than ``max_age_s`` under ``root`` (default :func:`extensions_dir`).
+
+    Args:
+        max_age_s: age (seconds since the file's last modification) from which a lock is stale.
+        root: the extensions folder; a missing folder is not an error.
+    Returns:
+        The removed paths (the caller logs them).
+    """
+    root = extensions_dir() if root is None else root
+    removed = []
+    now = time.time()
+    for lock in sorted(root.glob("*/lock")) if root.is_dir() else []:
+        try:
+            if now - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:  # its builder finished meanwhile
+            pass
+    return removed
+
+
+def build_cpu_ops(names: tuple[str, ...] = CPU_OPS) -> list[str]:
+    """Build (or find built) DeepSpeed's CPU ops ``names``; returns the ops loaded.
+
+    Raises:
+        RuntimeError: an op DeepSpeed reports compatible failed to build (no compiler, no ninja);
+            the message names the op.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # noqa: F401  (registers the op builders)
+    from deepspeed.accelerator import get_accelerator
+
+    loaded = []
+    for name in names:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is None or not builder.is_compatible(verbose=False):
+            continue
+        try:
+            builder.load(verbose=False)
+        except Exception as e:  # noqa: BLE001 - re-raised with the op's name
+            raise RuntimeError(f"DeepSpeed op {builder.absolute_name()} ({name}) failed to build: {e}") from e
+        loaded.append(builder.NAME)
+    return loaded
+
+
+def main() -> int:
+    """``python -m troupe.core.ds_ops``: clear stale locks, build the CPU ops, say what was done."""
+    for lock in clear_stale_locks():
+        print(f"troupe: removed a stale DeepSpeed build lock {lock}")
+    t0 = time.time()
+    ops = build_cpu_ops()
+    print(f"troupe: DeepSpeed CPU ops ready ({', '.join(ops) or 'none needed'}) in {time.time() - t0:.0f} s "
+          f"under {extensions_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
