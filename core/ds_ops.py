@@ -2,7 +2,8 @@
 
 DeepSpeed compiles two C++ extensions the first time a CPU learner starts: ``deepspeed_shm_comm``
 (``deepspeed.init_distributed``) and ``fused_adam`` (``deepspeed.initialize`` with AdamW), with
-torch's ``cpp_extension`` under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``).
+torch's ``cpp_extension`` under ``TORCH_EXTENSIONS_DIR`` (troupe's default: ``.venv/torch_extensions``,
+see :func:`use_venv_extensions_dir`).
 Two things go wrong when that happens inside Ray actors:
 
 * it takes minutes on a small machine (``fused_adam``: about 4 min on 2 cores), all of it inside
@@ -12,13 +13,15 @@ Two things go wrong when that happens inside Ray actors:
   waits on it forever, silently. (This hung troupe's CI for 80 minutes.)
 
 So ``scripts/setup.sh`` runs ``python -m troupe.core.ds_ops`` after installing (one process,
-nothing else building), and :class:`troupe.learner.zero.ZeroRank` calls :func:`clear_stale_locks`
+nothing else building), and :class:`troupe.learner.zero.ZeroRank` calls :func:`use_venv_extensions_dir`
+and :func:`clear_stale_locks`
 before DeepSpeed loads its ops, so a lock older than any real build is removed with a warning.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,13 +31,22 @@ CPU_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder")
 STALE_LOCK_S = 1200.0
 
 
+def use_venv_extensions_dir() -> Path:
+    """Point ``TORCH_EXTENSIONS_DIR`` at ``<sys.prefix>/torch_extensions`` unless the user set it; returns it.
+
+    torch's default, ``~/.cache/torch_extensions``, is shared by every virtual environment of the
+    user, and a build's ``build.ninja`` names its venv's paths: two clones (or a CI check next to a
+    working copy) rebuild over each other's ops. Per venv, ``rm -rf .venv`` also removes its builds.
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
 def extensions_dir() -> Path:
     """Where torch's ``cpp_extension`` builds and caches extensions (its own rule, without importing it)."""
     env = os.environ.get("TORCH_EXTENSIONS_DIR")
     if env:
         return Path(env)
-    import sys
-
     import torch
 
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_" + \
@@ -90,6 +102,7 @@ def build_cpu_ops(names: tuple[str, ...] = CPU_OPS) -> list[str]:
 
 def main() -> int:
     """``python -m troupe.core.ds_ops``: clear stale locks, build the CPU ops, say what was done."""
+    use_venv_extensions_dir()
     for lock in clear_stale_locks():
         print(f"troupe: removed a stale DeepSpeed build lock {lock}")
     t0 = time.time()

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from troupe.configs.schema import AlgoConfig, RunConfig
-from troupe.core.ds_ops import clear_stale_locks
+from troupe.core.ds_ops import clear_stale_locks, use_venv_extensions_dir
 from troupe.core.types import TrainBatch
 from troupe.core.weights import WeightBucket, peak_rss, peak_rss_reset, plan_buckets, rss_bytes, trim_heap
 from troupe.learner import grpo
@@ -96,6 +96,7 @@ class ZeroRank:
         if device == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             torch.set_num_threads(torch_threads)
+        use_venv_extensions_dir()  # this venv's builds (made by `make setup`), not ~/.cache's shared ones
         import deepspeed
 
         for lock in clear_stale_locks():  # left by a build killed mid-way: torch would wait on it forever
