@@ -88,6 +88,7 @@ class RewardModelRank(ZeroRank):
         for i in range(0, per, self.micro):
             part = mine[i:i + self.micro]
             n = len(part)
+            self._begin_micro_step()
             r = self._forward([c for c, _, _ in part] + [rj for _, rj, _ in part])
             margins = [m for _, _, m in part]
             margin = None if all(m is None for m in margins) else \

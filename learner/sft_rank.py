@@ -109,7 +109,9 @@ class SFTRank(ZeroRank):
         dev = self.engine.device
         for i in range(0, per, self.micro):
             ids, attn, labels = collate_examples(mine[i:i + self.micro], self.pad_id)
-            logits = self.engine.module(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits
+            # through the engine, not engine.module: DeepSpeed's forward starts a new micro-step (ZeRO-3
+            # otherwise overwrites, not adds, each micro-batch's gradient partition)
+            logits = self.engine(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits
             loss = completion_loss_share(logits, labels, step_tokens)
             self.engine.backward(loss * self.gas * self.world)
             if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():

@@ -118,6 +118,14 @@ class ZeroRank:
                             weight_decay=lc.weight_decay, betas=tuple(lc.betas), grad_clip=lc.grad_clip, dtype=dtype)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
 
+    def _begin_micro_step(self) -> None:
+        """What ``DeepSpeedEngine.forward`` does first, for a training forward that goes around it (on
+        ``engine.module``): a ZeRO optimizer closes the previous backward's micro-step. Without it ZeRO-3
+        copies, not adds, the next micro-batch's gradient partition (only the last micro-batch counts)."""
+        clear = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
+
     def ready(self) -> dict:
         """Rank facts: rank, world size, parameter count, ZeRO stage."""
         n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())

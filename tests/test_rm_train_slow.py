@@ -39,7 +39,7 @@ def _config(tmp: Path, ranks: int, micro: int, **over) -> "object":
            "learner": {"num_ranks": ranks, "zero_stage": 2, "lr": 3e-3, "micro_batch_size": micro,
                        "num_cpus_per_rank": 0.5, "grad_clip": 1000.0}}
     for k, v in over.items():
-        raw[k] = {**raw.get(k, {}), **v}
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return RewardModelTrainConfig.model_validate(raw)
 
 
@@ -54,21 +54,25 @@ def test_rm_train_learns_and_two_ranks_equal_one(tmp_path, ray_local):
     _pairs(tmp_path / "pairs.jsonl", 80)
     one = train_reward_model(_config(tmp_path, 1, 16), log=print)
     two = train_reward_model(_config(tmp_path, 2, 4), log=print)  # 2 ranks x 2 micro-batches of 4
+    # ZeRO-3, 2 ranks x 2 micro-batches: caught ZeRO-3 keeping only the last micro-batch's gradient
+    three = train_reward_model(_config(tmp_path, 2, 4, name="rm2z3", learner={"zero_stage": 3}), log=print)
 
     def steps(run: str) -> list[dict]:
         rows = [json.loads(x) for x in open(tmp_path / "runs" / run / "metrics.jsonl")]
         return [r for r in rows if "loss" in r]
 
-    s1, s2 = steps("rm1"), steps("rm2")
-    assert len(s1) == len(s2) == 8  # 64 training pairs / 16 per step x 2 epochs
-    for a, b in zip(s1, s2):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    s1, s2, s3 = steps("rm1"), steps("rm2"), steps("rm2z3")
+    assert len(s1) == len(s2) == len(s3) == 8  # 64 training pairs / 16 per step x 2 epochs
+    for a, b, c in zip(s1, s2, s3):
+        for other in (b, c):
+            assert other["loss"] == pytest.approx(a["loss"], rel=1e-5)
+            assert other["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     w1 = load_file(str(Path(one["model"]) / "model.safetensors"))
-    w2 = load_file(str(Path(two["model"]) / "model.safetensors"))
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    for other in (two, three):
+        w = load_file(str(Path(other["model"]) / "model.safetensors"))
+        assert w.keys() == w1.keys()
+        for k in w1:
+            torch.testing.assert_close(w[k], w1[k], rtol=1e-4, atol=1e-5)
 
     ev = one["epochs"]
     assert ev[0]["eval/pairs"] == 16

@@ -1,8 +1,8 @@
 """SFT on DeepSpeed ZeRO ranks (Ray actors) on the real stack: ``troupe.cluster.sft_train.train_sft``.
 
-2 ranks under ZeRO-2 train the same model as 1 rank that splits each step into micro-batches
-(per-step loss and every weight to rel 1e-5: the token-mean loss over the whole step does not
-depend on the split); 2 ranks under ZeRO-3 memorise a handful of repeated examples, and the folder
+2 ranks under ZeRO-2, and 2 ranks under ZeRO-3 with 2 micro-batches each, train the same model as
+1 rank that splits each step into micro-batches (per-step loss and every weight to rel 1e-5 / 1e-4:
+the token-mean loss over the whole step does not depend on the split); 2 ranks under ZeRO-3 memorise a handful of repeated examples, and the folder
 they write (gathered collectively) loads with transformers and in a vLLM engine whose greedy
 output is the memorised completion.
 """
@@ -45,8 +45,9 @@ def test_two_ranks_zero2_equal_one_rank_with_micro_batches(tmp_path, ray_local):
     model = build_tiny_model(str(tmp_path / "m"), [p + c for p, c in examples] * 4, hidden_size=32, num_layers=1,
                              num_heads=1, num_kv_heads=1, intermediate_size=64, max_position_embeddings=128)
     runs = {}
-    # 1 rank: 4 micro-batches of 2; 2 ranks: one micro-batch of 4 each; ZeRO-0 (troupe's own grad norm): 1 of 8
-    for name, ranks, micro, stage in (("r1", 1, 2, 2), ("r2", 2, 4, 2), ("z0", 1, 8, 0)):
+    # 1 rank: 4 micro-batches of 2; 2 ranks: one micro-batch of 4 each; ZeRO-0 (troupe's own grad norm): 1 of 8;
+    # ZeRO-3 on 2 ranks with 2 micro-batches of 2 each (caught ZeRO-3 keeping only the last micro-batch's gradient)
+    for name, ranks, micro, stage in (("r1", 1, 2, 2), ("r2", 2, 4, 2), ("z0", 1, 8, 0), ("z3", 2, 2, 3)):
         out = tmp_path / name / "model"
         res = train_sft(_config(model, ranks, micro, stage, steps=5, batch=8, lr=3e-3), model, examples, str(out))
         rows = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]
@@ -68,6 +69,12 @@ def test_two_ranks_zero2_equal_one_rank_with_micro_batches(tmp_path, ray_local):
     assert any(not torch.equal(w1[k], init[k]) for k in init), "training changed no weight"
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6)
+    rows3, w3 = runs["z3"]
+    for a, b in zip(rows1, rows3):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    for k in w1:
+        torch.testing.assert_close(w3[k], w1[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.ray
