@@ -4,6 +4,9 @@
     troupe check CONFIG.yaml [key.sub=value ...]      validate config and data, start nothing
     troupe score INPUT.jsonl ...                       score completions offline (see --help)
     troupe rm train|pairs|serve ...                    reward models (see troupe rm --help)
+    troupe eval CHECKPOINT [--n 16 --k 1,4,16 ...]     pass@k / maj@k on held-out prompts (see --help)
+    troupe plot RUN_DIR                                 the run's curves as RUN_DIR/curves.png
+    troupe dashboard RUN_DIR                            serve the run's live page on 127.0.0.1
 
 Exit status: 0 on success, 2 on a bad config, override, data row or checkpoint (message names
 the key, file and line), 1 on a failure during the run (message names what failed and the
@@ -35,13 +38,18 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.kl_coef=0.0")
         if name == "train":
             sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or an embedded local cluster)")
-            sp.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the embedded local cluster")
+            sp.add_argument("--dashboard", action="store_true", help="serve the run's live page (dashboard.host:port, default "
+                            "http://127.0.0.1:8266) and start the Ray dashboard with the embedded local cluster")
             sp.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                             help="continue the run output_dir/name from its latest complete checkpoint, or from "
                             "the given checkpoint folder (.../resume/step_N)")
     sub.add_parser("score", help="score a JSONL of completions with reward functions", add_help=False)
     sub.add_parser("rm", help="reward models: train (Bradley-Terry), pairs (from a policy's samples), serve (HTTP)",
                    add_help=False)
+    sub.add_parser("eval", help="pass@k / maj@k of a checkpoint on held-out prompts (see troupe eval --help)",
+                   add_help=False)
+    sub.add_parser("plot", help="write a run folder's curves as a PNG", add_help=False)
+    sub.add_parser("dashboard", help="serve a run folder's live page (curves and step timeline)", add_help=False)
     args = p.parse_args(argv)
     resume = getattr(args, "resume", None)
     if resume not in (None, "latest") and "=" in resume and not Path(resume).exists():
@@ -73,6 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         from troupe.cluster.rm_cli import main as rm_main
 
         return rm_main(argv[1:])
+    if argv and argv[0] == "eval":
+        from troupe.cluster.eval_cli import main as eval_main
+
+        return eval_main(argv[1:])
+    if argv and argv[0] == "plot":
+        from troupe.cluster.plots import main as plot_main
+
+        return plot_main(argv[1:])
+    if argv and argv[0] == "dashboard":
+        from troupe.cluster.dashboard import main as dashboard_main
+
+        return dashboard_main(argv[1:])
     args = _parse(argv)
     from troupe.configs.pipeline import is_pipeline
     from troupe.rollout.data import DataError
@@ -105,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the training loop (e.g. during SFT): everything was stopped on the way out
         print("troupe: stopped", file=sys.stderr)
         return 130
+
+
+def _eval_kind(cfg: RunConfig) -> str:
+    return "greedy" if cfg.eval.n == 1 else f"{cfg.eval.n} samples at T={cfg.eval.temperature:g}"
 
 
 def _pipeline_main(args) -> int:
@@ -241,6 +265,15 @@ def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], add
 
     from troupe.cluster.runtime import init_ray
 
+    page = None
+    if dashboard:  # troupe's live page of this run (cluster/dashboard.py); a busy port does not stop the run
+        from troupe.cluster.dashboard import serve
+
+        try:
+            page = serve(run_dir, cfg.dashboard.host, cfg.dashboard.port)
+            say(f"dashboard: {page.url} (the Ray dashboard: http://127.0.0.1:8265 with the embedded cluster)")
+        except RuntimeError as e:
+            say(f"warning: dashboard not started: {e}")
     try:
         try:
             init_ray(cfg, address, dashboard)  # first: a cluster problem fails before minutes of SFT
@@ -250,6 +283,8 @@ def run_train(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], add
         return _train_on_ray(cfg, train_rows, eval_rows, run_dir, resume, config_path, say, t0)
     finally:
         ray.shutdown()
+        if page is not None:
+            page.stop()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
 
@@ -316,8 +351,19 @@ def _train_on_ray(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict],
         actors.shutdown()
     summary.update(info, **timings, wall_seconds=time.time() - t0, run_dir=str(run_dir))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    acc0, acc1 = summary["eval_start"].get("eval/accuracy"), summary["eval_final"].get("eval/accuracy")
-    say(f"done in {summary['wall_seconds']:.0f} s: held-out greedy accuracy {acc0} -> {acc1}; checkpoint {summary['checkpoint']}")
+    from troupe.cluster.train import eval_summary
+
+    if cfg.plots:
+        from troupe.cluster.plots import plot_run
+
+        try:
+            say(f"curves: {plot_run(run_dir)}")
+        except (OSError, ValueError) as e:  # a plot never fails a finished run
+            say(f"warning: no curves.png ({e})")
+
+    say(f"done in {summary['wall_seconds']:.0f} s; checkpoint {summary['checkpoint']}")
+    say(f"held-out {_eval_kind(cfg)} start: {eval_summary(summary['eval_start'])}")
+    say(f"held-out {_eval_kind(cfg)} final: {eval_summary(summary['eval_final'])}")
     return 0
 
 

@@ -76,6 +76,7 @@ from troupe.configs.schema import (
     RewardModelTrainSettings,
     RunConfig,
 )
+from troupe.core.rpc import start_named
 from troupe.core.types import Group
 
 __all__ = ["STATS_PAIRS", "IterativeRewardModel", "fresh_pairs", "replay_count", "replay_indices"]
@@ -298,9 +299,8 @@ class IterativeRewardModel:
             tc = self.trainer_config()
             env = {"env_vars": {"DS_ACCELERATOR": "cpu", **cpu_thread_env(tc.learner.torch_threads)}} \
                 if tc.device == "cpu" else None
-            rank = ray.remote(RewardModelRank).options(
-                num_cpus=tc.learner.num_cpus_per_rank, num_gpus=tc.learner.num_gpus_per_rank, runtime_env=env,
-            ).remote(0, 1, "127.0.0.1", _free_port(), self.folder, tc)
+            rank = start_named(ray.remote(RewardModelRank), "rm-trainer-rank-0", (0, 1, "127.0.0.1", _free_port(), self.folder, tc),
+                               num_cpus=tc.learner.num_cpus_per_rank, num_gpus=tc.learner.num_gpus_per_rank, runtime_env=env)
             group = LearnerGroup([rank], rpc_timeout_s=tc.cluster.rpc_timeout_s)
             try:
                 group.ready()

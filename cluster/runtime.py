@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from troupe.cluster.learners import LearnerGroup
 from troupe.configs.schema import LearnerConfig, RunConfig
+from troupe.core.rpc import start_named
 from troupe.core.threads import cpu_thread_env, overridden, threads_for_cpus
 from troupe.learner.zero import LearnerRank
 from troupe.reward.router import RewardRouter
@@ -115,10 +116,12 @@ def start_zero_ranks(rank_cls: type, lc: LearnerConfig, device: str, rpc_timeout
     env = {"env_vars": {"DS_ACCELERATOR": "cpu", **cpu_thread_env(lc.torch_threads)}} if not gpu else None
     Rank = ray.remote(rank_cls)
     addr, port = _bundle_ip(pg, 0), _free_port()
-    ranks = [Rank.options(num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), runtime_env=env,
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
-                                                                               placement_group_bundle_index=r)).remote(
-        r, lc.num_ranks, addr, port, *args) for r, b in enumerate(bundles)]
+    kind = {"SFTRank": "sft-rank", "RewardModelRank": "rm-rank"}.get(rank_cls.__name__, "rank")
+    ranks = [start_named(Rank, f"{kind}-{r}", (r, lc.num_ranks, addr, port, *args), num_cpus=b.get("CPU", 0),
+                         num_gpus=b.get("GPU", 0), runtime_env=env,
+                         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                              placement_group_bundle_index=r))
+             for r, b in enumerate(bundles)]
     group = LearnerGroup(ranks, rpc_timeout_s=rpc_timeout_s)
     try:
         group.ready()
@@ -238,8 +241,9 @@ def engine_factory(cfg: RunConfig, model_path: str, pg, bundles: list[dict]) -> 
     Engine = ray.remote(RolloutEngine)
 
     def start(i: int) -> Any:
-        return Engine.options(**_actor_options(cfg, pg, bundles, i)).remote(
-            model_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.seed + 1000 * i, device=cfg.device)
+        return start_named(Engine, f"engine-{i}", (model_path, cfg.rollout),
+                           dict(dtype=cfg.model.dtype, seed=cfg.seed + 1000 * i, device=cfg.device),
+                           **_actor_options(cfg, pg, bundles, i))
 
     return start
 
@@ -268,8 +272,9 @@ def start_actors(cfg: RunConfig, model_path: str, log: Callable[[str], None] = p
     engines = EngineGroup([start_engine(i) for i in range(E)], factory=start_engine, rpc_timeout_s=cl.rpc_timeout_s,
                           max_failures=cl.max_engine_failures, log=log)
     master_addr, master_port = _bundle_ip(pg, E), _free_port()
-    learners = LearnerGroup([Learner.options(**_actor_options(cfg, pg, bundles, E + r)).remote(
-        r, n, master_addr, master_port, model_path, cfg) for r in range(n)], rpc_timeout_s=cl.rpc_timeout_s)
+    learners = LearnerGroup([start_named(Learner, f"learner-rank-{r}", (r, n, master_addr, master_port, model_path, cfg),
+                                         **_actor_options(cfg, pg, bundles, E + r)) for r in range(n)],
+                            rpc_timeout_s=cl.rpc_timeout_s)
     rewards = RewardRouter(cfg.reward)
     engines.ready()
     learners.ready()

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from troupe.cluster import checkpoint
 from troupe.cluster.metrics import MetricsWriter, rollout_metrics
+from troupe.cluster.ray_metrics import RayMetrics
 from troupe.cluster.rollout_ahead import RolloutAhead
 from troupe.cluster.runtime import Actors
 from troupe.cluster.weight_sync import WeightSync
@@ -50,6 +51,7 @@ from troupe.core.types import Group, Prompt, Sampling
 from troupe.learner import grpo
 from troupe.learner.batch import collate_groups
 from troupe.learner.step import group_signal, informative
+from troupe.reward.passk import accuracy_function, eval_metrics
 from troupe.rollout.prompts import PromptStream, sampling_seeds
 from troupe.rollout.staleness import split_stale, staleness_metrics
 
@@ -132,18 +134,38 @@ def check_sync(actors: Actors, token_ids: list[int], start: int) -> float:
 
 
 def evaluate(actors: Actors, prompts: list[Prompt], cfg: RunConfig, dump: Path | None = None) -> dict:
-    """Greedy (temperature 0) accuracy and reward on held-out prompts through the engines.
+    """Held-out evaluation through the engines: reward, every function's mean, accuracy, pass@k, maj@k.
 
-    With ``dump``, every prompt's completion and scores are written there as JSONL.
+    ``eval.n`` = 1: one greedy (temperature 0) completion per prompt; > 1: ``eval.n`` samples at
+    ``eval.temperature``. Accuracy is the mean score of ``eval.accuracy`` (default: the built-in
+    accuracy function present, :func:`troupe.reward.passk.accuracy_function`); pass@k / maj@k for
+    each ``eval.k`` (:func:`troupe.reward.passk.eval_metrics`). With ``dump``, every sample's
+    completion and scores are written there as JSONL (one line per sample).
     """
-    greedy = Sampling(n=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0)
-    groups, t = actors.engines.generate(prompts, greedy, actors.rewards)
+    ev = cfg.eval
+    sampling = Sampling(n=ev.n, max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0 if ev.n == 1 else ev.temperature)
+    groups, t = actors.engines.generate(prompts, sampling, actors.rewards)
+    names = [f.name for f in cfg.reward.functions]
+    acc = accuracy_function(names, ev.accuracy)
     if dump is not None:
         with open(dump, "w") as f:
             for g in groups:
-                f.write(json.dumps({"question": g.prompt.question, "answer": g.prompt.answer, "completion": g.samples[0].text,
-                                    "reward": g.rewards[0], "parts": {k: v[0] for k, v in g.reward_parts.items()}}) + "\n")
-    return {**rollout_metrics(groups, prefix="eval/"), "eval/seconds": t["generate"] + t["reward"]}
+                for i, smp in enumerate(g.samples):
+                    f.write(json.dumps({"uid": g.prompt.uid, "sample": i, "question": g.prompt.question,
+                                        "answer": g.prompt.answer, "completion": smp.text, "reward": g.rewards[i],
+                                        "parts": {k: v[i] for k, v in g.reward_parts.items()},
+                                        "response_tokens": len(smp.response_ids)}) + "\n")
+    return {**rollout_metrics(groups, prefix="eval/", accuracy=acc),
+            **eval_metrics(groups, acc, ks=ev.k if ev.n > 1 else (1,), correct_at=ev.correct_at),
+            "eval/seconds": t["generate"] + t["reward"]}
+
+
+def eval_summary(ev: dict) -> str:
+    """One line for the log: held-out reward, accuracy when known, pass@k/maj@k, every function's mean."""
+    parts = [f"reward {ev.get('eval/reward_mean', float('nan')):.3f}"]
+    parts += [f"{k[5:]} {v:.3f}" for k, v in ev.items() if k == "eval/accuracy" or "@" in k]
+    fns = {k[len("eval/reward/"):-len("_mean")]: v for k, v in ev.items() if k.startswith("eval/reward/") and k.endswith("_mean")}
+    return "; ".join(parts) + (" (" + ", ".join(f"{k} {v:.3f}" for k, v in fns.items()) + ")" if fns else "")
 
 
 def sync_weights(actors: Actors, sync: WeightSync, version: int, probe: Group, cfg: RunConfig, say: Callable[[str], None]) -> dict:
@@ -291,7 +313,9 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
     sync = WeightSync(actors.learners, actors.engines, cfg.sync.strategy, actors.single_node(), cfg.sync.bucket_mb)
     if resume is not None:  # the metrics as they were at the checkpoint; later records are dropped
         shutil.copyfile(resume / "metrics.jsonl", run_dir / "metrics.jsonl")
-    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
+    # metrics.jsonl, TensorBoard, W&B (cfg.wandb) and the Ray dashboard's gauges (troupe_<key>)
+    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=cfg.model_dump(mode="json"),
+                           run_name=run_dir.name, sinks=[RayMetrics(cfg.name).export])
     ahead: Optional[RolloutAhead] = None
     try:
         if cfg.reward.iterative is not None and actors.iterative is None:
@@ -309,8 +333,7 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
                              run_dir=str(Path(run_dir).resolve()),
                              eval_start=evaluate(actors, eval_prompts, cfg, run_dir / "eval_start.jsonl"))
             writer.write({"step": 0, **state.eval_start})
-        say(f"start: held-out greedy accuracy {state.eval_start.get('eval/accuracy', float('nan')):.3f} "
-            f"on {len(eval_prompts)} prompts")
+        say(f"start: held-out on {len(eval_prompts)} prompts: {eval_summary(state.eval_start)}")
         record: dict = {}
         if cfg.rollout.max_staleness and state.step < cfg.steps:
             ahead = RolloutAhead(lambda s: collect_groups(actors, stream, cfg, s), state.step + 1, cfg.steps,

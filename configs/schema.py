@@ -484,6 +484,50 @@ class RejectionSamplingConfig(_Strict):
                              f"({names}); filter 'correct' reads that function's score")
 
 
+class EvalConfig(_Strict):
+    """Held-out evaluation (at the start, every ``eval_every`` steps and at the end) and ``troupe eval``.
+
+    ``n`` = 1: one greedy completion per prompt. ``n`` > 1: ``n`` samples per prompt at
+    ``temperature``, with unbiased pass@k (Chen et al. 2021, eq. 1: 1 - C(n-c, k) / C(n, k)) and
+    maj@k (the majority answer of k samples is correct; mean over the n // k disjoint chunks of k)
+    for every ``k`` <= n. A sample is correct when the ``accuracy`` function scores >= ``correct_at``.
+    """
+
+    accuracy: Optional[str] = Field(
+        None, description="The reward.functions name whose held-out mean is reported as accuracy (and decides "
+                          "'correct' for pass@k/maj@k). None: the first built-in accuracy function present "
+                          "(accuracy, gsm8k, math); none present: accuracy is not reported, the reward is.")
+    correct_at: float = Field(1.0, description="A sample is correct when the accuracy function scores at least this.")
+    n: int = Field(1, ge=1, le=1024, description="Completions per held-out prompt (1: greedy).")
+    k: list[int] = Field(default_factory=lambda: [1], min_length=1,
+                         description="pass@k / maj@k sizes (each 1 <= k <= n).")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature when n > 1.")
+
+    @model_validator(mode="after")
+    def _check_k(self) -> "EvalConfig":
+        bad = [k for k in self.k if not 1 <= k <= self.n]
+        if bad:
+            raise ValueError(f"eval.k {bad}: every k must be between 1 and eval.n = {self.n}")
+        return self
+
+
+class WandbConfig(_Strict):
+    """Weights & Biases logging of the same metrics as metrics.jsonl plus the resolved config (``wandb.init``)."""
+
+    project: str = Field(..., min_length=1, description="W&B project.")
+    entity: Optional[str] = Field(None, description="W&B entity (team or user); None: the account's default.")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="'offline' writes <run dir>/wandb for a later `wandb sync` (no network needed).")
+    tags: list[str] = Field(default_factory=list, description="Run tags.")
+
+
+class DashboardConfig(_Strict):
+    """troupe's live run page (``troupe train ... --dashboard``, ``troupe dashboard RUN_DIR``)."""
+
+    host: str = Field("127.0.0.1", description="Address the page is served on (127.0.0.1: this machine only).")
+    port: int = Field(8266, ge=0, le=65535, description="Port (0: any free one; 8265 is Ray's dashboard).")
+
+
 class RunConfig(_Strict):
     """A whole run: what `troupe train CONFIG` reads."""
 
@@ -499,6 +543,10 @@ class RunConfig(_Strict):
     save_every: int = Field(0, ge=0, description="HF checkpoint every N steps (0: only the final one).")
     device: Literal["cpu", "gpu"] = Field("cpu", description="Where engines and learner ranks run.")
     tensorboard: bool = Field(True, description="Also write metrics as TensorBoard scalars to <run dir>/tensorboard.")
+    plots: bool = Field(True, description="Write <run dir>/curves.png (the main curves) at the end (`troupe plot`).")
+    wandb: Optional[WandbConfig] = Field(None, description="Also log to Weights & Biases (None: off).")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
     model: ModelConfig
     data: DataConfig
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
@@ -555,6 +603,9 @@ class RunConfig(_Strict):
                 f"reward.functions has a function of kind 'process' but algo.advantage is {self.algo.advantage.name!r}: "
                 "per-step rewards are only used by step-reward estimators (algo.advantage: process)"
             )
+        names = [f.name for f in self.reward.functions]
+        if self.eval.accuracy is not None and self.eval.accuracy not in names:
+            raise ValueError(f"eval.accuracy {self.eval.accuracy!r} is not a reward.functions name ({names})")
         if self.checkpoint.every % self.sync.every:
             raise ValueError(f"checkpoint.every = {self.checkpoint.every} must be a multiple of sync.every = "
                              f"{self.sync.every}: a checkpoint is taken when the engines hold the learner's weights")

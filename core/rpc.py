@@ -99,3 +99,30 @@ def get_one(ref: Any, name: str, what: str, timeout_s: float) -> Any:
         raise RemoteTimeout(what, [name], timeout_s) from None
     except (rex.RayActorError, rex.ActorUnavailableError, rex.RayTaskError) as e:
         raise ActorFailed(what, name, e) from e
+
+
+def start_named(actor_cls: Any, name: str, args: Sequence[Any] = (), kwargs: Optional[dict] = None, **options: Any) -> Any:
+    """``actor_cls.options(name=..., **options).remote(*args, **kwargs)`` under the first free name of
+    ``name``, ``name.1``, ``name.2``, ...
+
+    Names are what the Ray dashboard's actor list shows (``engine-0``, ``learner-rank-1``,
+    ``reward-worker-0``); they live in the driver's namespace (a job's own by default). A replaced
+    actor's name can still be held while Ray reaps the dead one, hence the suffixes.
+
+    Args:
+        actor_cls: a ``ray.remote`` class.
+        name: the base name.
+        args, kwargs: the constructor's arguments.
+        options: Ray actor options (``num_cpus``, ``runtime_env``, ``scheduling_strategy``, ...).
+    Returns:
+        The actor handle.
+    Raises:
+        ValueError: from Ray for anything but a taken name.
+    """
+    for k in range(1000):
+        try:
+            return actor_cls.options(name=name if k == 0 else f"{name}.{k}", **options).remote(*args, **(kwargs or {}))
+        except ValueError as e:
+            if "already" not in str(e).lower():
+                raise
+    raise ValueError(f"no free actor name {name}.N for N < 1000")

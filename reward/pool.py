@@ -54,6 +54,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from troupe.configs.schema import RewardConfig
+from troupe.core.rpc import start_named
 from troupe.core.steps import step_texts
 from troupe.core.threads import threads_for_cpus, with_thread_env
 from troupe.core.types import Group
@@ -266,6 +267,7 @@ class RewardPool:
         heartbeat_s: Optional[float] = -1.0,
         runtime_env: Optional[dict] = None,
         wait_ready: bool = True,
+        name: str = "reward-worker",
     ) -> None:
         if not ray.is_initialized():
             raise RuntimeError("RewardPool needs Ray: call ray.init() first")
@@ -289,7 +291,8 @@ class RewardPool:
         # the actors' thread variables from their CPUs, not from the shell (troupe.core.threads)
         options["runtime_env"] = with_thread_env(runtime_env, threads_for_cpus(cpus))
         self._actor_cls = ray.remote(**options)(RewardWorker)
-        self._workers = [self._new_worker() for _ in range(cfg.num_workers)]
+        self._name = name
+        self._workers = [self._new_worker(i) for i in range(cfg.num_workers)]
         self._inflight: list[list[ray.ObjectRef]] = [[] for _ in self._workers]
         # ref -> (worker slot, actor handle it went to, the groups), for resubmission
         self._origin: dict[ray.ObjectRef, tuple[int, Any, list[Group]]] = {}
@@ -297,8 +300,10 @@ class RewardPool:
         if wait_ready:
             self.wait_ready()
 
-    def _new_worker(self) -> Any:
-        return self._actor_cls.remote(self._cfg, {name: v for name, (_, v) in self._models.items()})
+    def _new_worker(self, slot: int) -> Any:
+        """A worker actor for ``slot``, named ``{name}-{slot}`` in the Ray dashboard."""
+        return start_named(self._actor_cls, f"{self._name}-{slot}",
+                           (self._cfg, {name: v for name, (_, v) in self._models.items()}))
 
     @property
     def num_workers(self) -> int:
@@ -418,7 +423,7 @@ class RewardPool:
         except Exception:  # noqa: BLE001 - already dead
             pass
         if self._workers[idx] is actor:
-            new = self._new_worker()
+            new = self._new_worker(idx)
             # Wait until it runs, so that its start-up is not mistaken for a wedged process.
             ray.get(new.ping.remote(), timeout=_STARTUP_TIMEOUT_S)
             self._workers[idx] = new

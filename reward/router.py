@@ -124,7 +124,7 @@ class RewardRouter:
             for p in self._parts:
                 if p.is_model:
                     self._lanes.append(_Lane(p.name, RewardPool(self._model_cfg(p), num_gpus_per_worker=p.spec.num_gpus,
-                                                                **common), [p]))
+                                                                name=f"reward-model-{p.name}", **common), [p]))
             if wait_ready:
                 self.wait_ready()
         except BaseException:

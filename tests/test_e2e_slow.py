@@ -46,9 +46,12 @@ def _run(tmp_path: Path, name: str, extra: list[str], config: str = "configs/ari
 @pytest.mark.parametrize("stage", [2, 3])
 def test_arith_grpo_two_ranks(tmp_path, stage):
     """1 engine, 1 reward worker, 2 learner ranks under ZeRO-`stage`: the policy moves, engines follow."""
+    # ZeRO-3 also evaluates with 4 samples per held-out prompt (pass@k / maj@k in-loop)
+    sampled_eval = ["eval.n=4", "eval.k=[1,4]"] if stage == 3 else []
     run_dir, summary = _run(tmp_path, f"zero{stage}", TINY + [REWARDS, "steps=3", f"learner.zero_stage={stage}", "algo.kl_coef=0.01",
                                                             # ZeRO-2 syncs through /dev/shm, ZeRO-3 through the object store
-                                                            f"sync.strategy={'shm' if stage == 2 else 'object_store'}"])
+                                                            f"sync.strategy={'shm' if stage == 2 else 'object_store'}"]
+                            + sampled_eval)
     recs = _records(run_dir)
     steps = [r for r in recs if r.get("step", 0) >= 1 and not r.get("final")]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -66,9 +69,28 @@ def test_arith_grpo_two_ranks(tmp_path, stage):
         assert key in steps[-1], key
     assert (run_dir / "config.yaml").exists()
     assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # curves for `tensorboard --logdir`
-    assert "held-out greedy accuracy" in (run_dir / "log.txt").read_text()  # each run logs into its own directory
+    assert "held-out greedy final: reward" in (run_dir / "log.txt").read_text()  # each run logs into its own directory
     ckpt = Path(summary["checkpoint"])
     assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # plots: true by default
+    final_eval = summary["eval_final"]
+    for key in ("eval/reward_mean", "eval/accuracy", "eval/reward/accuracy_mean", "eval/reward/format_mean"):
+        assert key in final_eval, key
+    if stage == 3:  # 16 held-out prompts x 4 samples: pass@4 >= pass@1 = per-sample accuracy
+        assert final_eval["eval/samples_per_prompt"] == 4
+        assert final_eval["eval/pass@4"] >= final_eval["eval/pass@1"] == pytest.approx(final_eval["eval/accuracy"])
+        assert 0.0 <= final_eval["eval/maj@4"] <= final_eval["eval/pass@4"]
+        assert len((run_dir / "eval_final.jsonl").read_text().splitlines()) == 16 * 4
+    else:  # `troupe eval` on the final checkpoint: its run folder's config, 8 prompts x 4 samples
+        out = tmp_path / "eval" / "samples.jsonl"
+        assert main(["eval", str(ckpt), "--n", "4", "--k", "1,2,4", "--limit", "8", "--out", str(out)]) == 0
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert len(rows) == 32 and {r["sample"] for r in rows} == {0, 1, 2, 3}
+        met = json.loads(out.with_suffix(".summary.json").read_text())["metrics"]
+        # the metrics are those of the written samples: per-sample accuracy and pass@1 from the dump by hand
+        correct = [r["parts"]["accuracy"] >= 1.0 for r in rows]
+        assert met["eval/accuracy"] == pytest.approx(sum(correct) / 32) == pytest.approx(met["eval/pass@1"])
+        assert met["eval/pass@1"] <= met["eval/pass@2"] <= met["eval/pass@4"]
     from safetensors.torch import load_file
 
     sft = load_file(str(run_dir / "checkpoints" / "sft" / "model.safetensors"))

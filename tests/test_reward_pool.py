@@ -233,6 +233,7 @@ def test_pool_scores_64_groups_with_2_workers(ray_local):
     from troupe.reward.pool import RewardPool
 
     pool = RewardPool(_cfg([("accuracy", 1.0), ("format", 0.5)]))
+    assert [_named(ray_local, f"reward-worker-{i}") for i in range(2)] == [w._actor_id for w in pool.workers]
     try:
         groups = _groups(64, 8)
         t0 = time.perf_counter()
@@ -287,8 +288,19 @@ def test_pool_replaces_killed_actor_and_resubmits(ray_local):
         assert scored[0].failures.get("worker_restart") == 1
         assert pool.restarts == 1
         assert pool.score_now(_groups(2, 2))[0].rewards == [1.0, 1.0]  # the new worker keeps serving
+        # the replacement is named for the Ray dashboard too: reward-worker-0, or reward-worker-0.N while
+        # Ray still holds the dead actor's name
+        names = [a for a in ("reward-worker-0", "reward-worker-0.1") if _named(ray, a) == pool.workers[0]._actor_id]
+        assert len(names) == 1
     finally:
         pool.shutdown()
+
+
+def _named(ray, name):
+    try:
+        return ray.get_actor(name)._actor_id
+    except ValueError:
+        return None
 
 
 def _text_groups(texts_per_group: list[list[str]]) -> list[Group]:

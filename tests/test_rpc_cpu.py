@@ -91,3 +91,17 @@ def test_fetch_mask_returns_the_ref(workers):
     out = wait_all(refs, ["worker a", "worker a"], "echo", 30.0, fetch=[False, True])
     assert out[0] is refs[0] and ray.get(out[0]) == "big" and out[1] == 2
     ray.kill(a)
+
+
+def test_start_named_takes_the_next_free_name(workers):
+    from troupe.core.rpc import start_named
+
+    ray, _ = workers
+    W = ray.remote(Worker)
+    first = start_named(W, "worker-x", num_cpus=0)
+    second = start_named(W, "worker-x", num_cpus=0)  # the name is held by a live actor: worker-x.1
+    assert ray.get_actor("worker-x")._actor_id == first._actor_id
+    assert ray.get_actor("worker-x.1")._actor_id == second._actor_id
+    assert ray.get(second.echo.remote(3)) == 3
+    for a in (first, second):
+        ray.kill(a)
