@@ -7,6 +7,6 @@ rc=0
 $PY -m pytest -m "not slow" -q -p no:cacheprovider || rc=$?
 [ $rc -eq 5 ] && rc=0
 [ $rc -ne 0 ] && exit $rc
-$PY -m pytest -m slow -q -p no:cacheprovider || rc=$?
+$PY -m pytest -m slow -q -p no:cacheprovider --durations=15 || rc=$?
 [ $rc -eq 5 ] && rc=0
 exit $rc
