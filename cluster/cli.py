@@ -106,14 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"troupe: {e}", file=sys.stderr)
         return 2
     if args.cmd == "check":
+        from troupe.cluster.models import check_model
         from troupe.reward.scoring import check_reward_config
 
         try:
             check_reward_config(cfg.reward)
+            model = check_model(cfg.model.path)
         except ValueError as e:
             print(f"troupe: {args.config}: {e}", file=sys.stderr)
             return 2
-        print(f"{args.config}: ok ({len(train_rows)} training rows, {len(eval_rows)} held-out rows)")
+        print(f"{args.config}: ok ({len(train_rows)} training rows, {len(eval_rows)} held-out rows; model {model})")
         return 0
     try:
         resume = _resume_point(cfg, args.resume) if args.resume else None

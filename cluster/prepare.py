@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from troupe.cluster.models import resolve_model
 from troupe.configs.schema import RunConfig
 from troupe.rollout.data import DataError, check_rows, load_data_source, load_rows, source_options
 from troupe.rollout.prompts import format_prompt
@@ -102,7 +103,9 @@ def prepare_model(cfg: RunConfig, run_dir: Path, train_rows: list[dict], log: Ca
     Returns (path, info) where info records build/SFT facts for the run summary.
     """
     info: dict = {}
-    path = cfg.model.path
+    path = resolve_model(cfg.model.path)  # a hub id: downloaded once here, the actors get the snapshot folder
+    if path != cfg.model.path:
+        log(f"model {cfg.model.path} from {path}")
     source, options = data_source(cfg) if cfg.data.is_plugin else (None, None)
     if path.startswith("builtin:"):
         path = _build_model(cfg, run_dir, tokenizer_corpus(cfg, train_rows, source))

@@ -27,11 +27,18 @@ def test_pipeline_presets_validate(path, capsys):
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
-def test_presets_validate(path, capsys):
+def test_presets_validate(path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never download a preset's model here
     cfg = load_config(path)
     assert cfg.batch_size % cfg.learner.num_ranks == 0
     missing = [i for i, m in enumerate(cfg.reward.models) if not (Path(m.path) / "config.json").exists()]
-    if not missing:
+    if not cfg.model.path.startswith("builtin:") and not Path(cfg.model.path).is_dir():
+        # a hub id (the GPU preset) that is not in this machine's HF cache: check says so before anything starts
+        assert main(["check", str(path)]) == 2
+        assert f"model.path {cfg.model.path!r}: not a local folder" in capsys.readouterr().err
+    elif not missing:
         assert main(["check", str(path)]) == 0
     else:  # a reward model written by an earlier command (make rm-demo): check names the missing folder
         assert main(["check", str(path)]) == 2
