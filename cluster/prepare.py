@@ -10,13 +10,14 @@ with ``sft.enabled`` the model is fine-tuned on the plugin's cold-start examples
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from troupe.cluster.models import resolve_model
 from troupe.configs.schema import RunConfig
-from troupe.rollout.data import DataError, check_rows, load_data_source, load_rows, source_options
+from troupe.rollout.data import DataError, check_rows, load_data_source, load_hf_rows, load_rows, source_options
 from troupe.rollout.prompts import format_prompt
 
 TOKENIZER_ROWS = 5000
@@ -52,17 +53,48 @@ def load_task(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
         train, held = source.rows(options, cfg.seed, d.num_eval)
         where = f"data.source {d.source!r}:"
         return check_rows(train, f"{where} train row"), check_rows(held, f"{where} held-out row")
+    if d.source == "hf":
+        return _load_hf_task(cfg)
     rows = load_rows(d.path, d.source, prompt_field=d.prompt_field, answer_field=d.answer_field,
                      max_rows=d.max_train_rows)
     if d.eval_path:
         held = load_rows(d.eval_path, "parquet" if d.eval_path.endswith(".parquet") else "jsonl",
                          prompt_field=d.prompt_field, answer_field=d.answer_field, max_rows=d.num_eval or None)
         return rows, held[:d.num_eval]
+    return _held_out_slice(rows, cfg, str(d.path))
+
+
+def _held_out_slice(rows: list[dict], cfg: RunConfig, where: str) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): the last ``data.num_eval`` rows of the seeded shuffle are held out."""
     rows = list(rows)
     random.Random(cfg.seed).shuffle(rows)
-    if d.num_eval >= len(rows):
-        raise ValueError(f"data.num_eval = {d.num_eval} leaves no training rows in {d.path} ({len(rows)} rows)")
-    return rows[:len(rows) - d.num_eval], rows[len(rows) - d.num_eval:]
+    if cfg.data.num_eval >= len(rows):
+        raise ValueError(f"data.num_eval = {cfg.data.num_eval} leaves no training rows in {where} ({len(rows)} rows)")
+    return rows[:len(rows) - cfg.data.num_eval], rows[len(rows) - cfg.data.num_eval:]
+
+
+def _load_hf_task(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
+    """``data.source: hf``: the training split and the held-out split (or slice); the local fallback files
+    (``data.fallback_path``/``fallback_eval_path``, logged) when the data set cannot be loaded."""
+    d = cfg.data
+    fields = dict(prompt_field=d.prompt_field, answer_field=d.answer_field)
+    try:
+        train = load_hf_rows(d.path, d.split, config=d.hf_config, max_rows=d.max_train_rows, **fields)
+        held = load_hf_rows(d.path, d.eval_split, config=d.hf_config, max_rows=d.num_eval or None, **fields) \
+            if d.eval_split else None
+    except DataError as e:
+        if not d.fallback_path:
+            raise
+        logging.getLogger("troupe").warning(f"{e}; reading the fallback data.fallback_path {d.fallback_path} instead")
+        fmt = "parquet" if d.fallback_path.endswith(".parquet") else "jsonl"
+        train = load_rows(d.fallback_path, fmt, max_rows=d.max_train_rows, **fields)
+        held = None
+        if d.fallback_eval_path:
+            efmt = "parquet" if d.fallback_eval_path.endswith(".parquet") else "jsonl"
+            held = load_rows(d.fallback_eval_path, efmt, max_rows=d.num_eval or None, **fields)
+    if held is not None:
+        return train, held[:d.num_eval]
+    return _held_out_slice(train, cfg, d.path)
 
 
 def _prompt(cfg: RunConfig, question: str) -> str:

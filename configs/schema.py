@@ -62,8 +62,9 @@ class ModelConfig(_Strict):
         return self
 
 
-FILE_SOURCES = ("jsonl", "parquet")
-"""data.source values read from files; any other value is a plugin spec 'package.module:object'."""
+FILE_SOURCES = ("jsonl", "parquet", "hf")
+"""data.source values that read rows (files, or a Hugging Face data set through ``datasets``); any other
+value is a plugin spec 'package.module:object'."""
 
 
 class DataConfig(_Strict):
@@ -71,7 +72,9 @@ class DataConfig(_Strict):
 
     source: str = Field(
         "jsonl",
-        description="'jsonl' or 'parquet' (rows read from data.path), or a data-source plugin "
+        description="'jsonl' or 'parquet' (rows read from data.path), 'hf' (a Hugging Face data set: data.path is "
+        "its hub name or local folder, loaded with datasets.load_dataset(path, hf_config, split=...), which honours "
+        "the offline cache), or a data-source plugin "
         "'package.module:object' that generates its rows (interface: troupe.rollout.data.DataSource; "
         "e.g. the arithmetic demo 'troupe.demo.arith:ArithTask').",
     )
@@ -80,8 +83,16 @@ class DataConfig(_Strict):
         description="A data-source plugin's own settings, validated by its Options model when the data "
         "is loaded (`troupe check` too); errors name data.options.<key>. Empty for 'jsonl'/'parquet'.",
     )
-    path: Optional[str] = Field(None, description="Training file (jsonl/parquet), relative to the config file or absolute.")
+    path: Optional[str] = Field(None, description="Training file (jsonl/parquet), relative to the config file or absolute; "
+                                "source 'hf': the data set's hub name (e.g. openai/gsm8k) or local folder.")
     eval_path: Optional[str] = Field(None, description="Held-out file; defaults to a held-out slice of `path`.")
+    hf_config: Optional[str] = Field(None, description="source 'hf': the data set's configuration (e.g. 'main').")
+    split: str = Field("train", min_length=1, description="source 'hf': the training split.")
+    eval_split: Optional[str] = Field(None, description="source 'hf': the held-out split (None: a held-out slice of "
+                                      "the training split, as for files).")
+    fallback_path: Optional[str] = Field(None, description="source 'hf': a local jsonl/parquet file read instead when "
+                                         "the data set cannot be loaded (no network and not cached); logged.")
+    fallback_eval_path: Optional[str] = Field(None, description="source 'hf': the held-out file of the fallback.")
     prompt_field: str = Field("question", description="Column holding the question text.")
     answer_field: str = Field("answer", description="Column holding the reference answer.")
     system_prompt: Optional[str] = Field(None, description="System message (chat template) or prefix (raw).")
@@ -107,7 +118,9 @@ class DataConfig(_Strict):
                                  f"'package.module:object', got {self.source!r}")
         else:
             if not self.path:
-                raise ValueError("data.path is required when data.source is 'jsonl' or 'parquet'")
+                raise ValueError(f"data.path is required when data.source is {self.source!r}")
+            if self.source != "hf" and (self.hf_config or self.eval_split or self.fallback_path or self.fallback_eval_path):
+                raise ValueError("data.hf_config, eval_split, fallback_path, fallback_eval_path: only for data.source 'hf'")
             if self.options:
                 raise ValueError(f"data.options: only a data-source plugin takes options (data.source is {self.source!r})")
         if "{question}" not in self.prompt_format:
@@ -775,8 +788,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """
     path = Path(path)
     cfg = _read(path, overrides, RunConfig)
-    for key in ("path", "eval_path"):
+    for key in ("path", "eval_path") if cfg.data.source != "hf" else ("eval_path",):
         _resolve_file(path, cfg.data, key, f"data.{key}")
+    if cfg.data.source == "hf":  # a hub name stays a name; a local data-set folder resolves like a file
+        local = (path.resolve().parent / cfg.data.path) if not Path(cfg.data.path).is_absolute() else Path(cfg.data.path)
+        if local.exists():
+            cfg.data.path = str(local.resolve())
+        for key in ("fallback_path", "fallback_eval_path"):  # checked when used
+            _resolve_file(path, cfg.data, key, f"data.{key}", must_exist=False)
     if cfg.rejection.general_sft is not None:
         _resolve_file(path, cfg.rejection.general_sft, "path", "rejection.general_sft.path")
     _resolve_file(path, cfg.sft, "path", "sft.path")

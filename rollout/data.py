@@ -290,6 +290,36 @@ def load_rows(
     raise DataError(f"{p}: unknown data format {fmt!r} (expected 'jsonl' or 'parquet')")
 
 
+def load_hf_rows(name: str, split: str, *, config: Optional[str] = None, prompt_field: str, answer_field: str,
+                 max_rows: Optional[int] = None) -> list[dict]:
+    """Rows of a Hugging Face data set split, checked like file rows.
+
+    ``datasets.load_dataset(name, config, split=split)``: a hub name (downloaded once into the
+    ``datasets`` cache; ``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1`` read the cache only) or a
+    local data-set folder (data files in the hub's layout).
+
+    Args:
+        name: hub name (``openai/gsm8k``) or folder; config: its configuration (``main``); split: ``train``...
+        prompt_field, answer_field: the columns holding the question and the reference answer.
+        max_rows: read at most this many rows.
+    Returns:
+        The rows as dicts with every column, in the split's order.
+    Raises:
+        DataError: the data set or split cannot be loaded (message names it and the reason), or a
+            bad row (``name[split] row i`` and the field).
+    """
+    try:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 - offline, unknown name, bad split: all one message
+        raise DataError(f"data.path {name!r} (data.source 'hf', config {config!r}, split {split!r}) could not be "
+                        f"loaded: {type(e).__name__}: {e}") from e
+    n = len(ds) if max_rows is None else min(max_rows, len(ds))
+    return [_check_row(dict(ds[i]), f"{name}[{split}] row {i}", prompt_field, answer_field) for i in range(n)]
+
+
 def _gsm8k_number(solution: str) -> str:
     if "####" not in solution:
         raise ValueError("no '####' in the GSM8K answer")

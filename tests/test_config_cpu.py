@@ -28,9 +28,13 @@ def test_pipeline_presets_validate(path, capsys):
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
 def test_presets_validate(path, capsys, monkeypatch):
+    import datasets.config
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never download a preset's model here
+    # never download a preset's model or data set here (HF_HUB_OFFLINE=1, read at import); hub data sets fall
+    # back to the preset's local files
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     cfg = load_config(path)
     assert cfg.batch_size % cfg.learner.num_ranks == 0
     missing = [i for i, m in enumerate(cfg.reward.models) if not (Path(m.path) / "config.json").exists()]
