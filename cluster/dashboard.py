@@ -21,6 +21,9 @@ What the page shows (one chart per ``div``, ids in brackets; a trace appears onc
   present, with ``time/step`` (the step's wall clock) as a dotted line. Synchronous loop: the work
   bar reaches the line and the idle bar equals it (each side waits for the other). Pipelined:
   generation overlaps learning, so the work bar may pass the line, and the idle bar is the bubble.
+* per actor (``chart-actors``, shown when present): ``time/generate/engine_<i>`` (s from the step's
+  generation start until engine i's last chunk came back: a short line is an engine that sat idle)
+  and ``time/learn/rank_<r>`` (each learner rank's own learn time).
 * held-out eval (any record with ``eval/...`` keys: the step-0 eval, periodic ones, the
   ``"final": true`` one), x = step: ``chart-eval`` with ``eval/accuracy`` and ``eval/reward_mean``.
 * SFT stages (``"stage": "sft"``): ``chart-sft`` with ``loss`` per SFT step (hidden if none).
@@ -315,6 +318,7 @@ _PAGE = r"""<!doctype html>
  <div class="card"><div id="chart-reward" class="chart" data-points="0"></div></div>
  <div class="card"><div id="chart-eval" class="chart" data-points="0"></div></div>
  <div class="card wide"><div id="chart-timeline" class="chart" data-points="0"></div></div>
+ <div class="card wide hidden" id="card-actors"><div id="chart-actors" class="chart" data-points="0"></div></div>
  <div class="card"><div id="chart-kl" class="chart" data-points="0"></div></div>
  <div class="card"><div id="chart-entropy" class="chart" data-points="0"></div></div>
  <div class="card"><div id="chart-length" class="chart" data-points="0"></div></div>
@@ -434,6 +438,17 @@ function render() {
                 line: { color: "#111", width: 1.5, dash: "dot" } });
   draw("chart-timeline", bars, layout("Where the time went, per step (s): work | idle", "seconds",
        { barmode: "group", bargap: 0.2, bargroupgap: 0.05, xaxis: { rangemode: "normal", title: { text: "step", standoff: 4 } }, legend: { y: -0.2 } }));
+
+  // per actor: each engine's busy time in the step's generation, each learner rank's learn time
+  const actorKeys = [];
+  for (const r of recs) for (const k of Object.keys(r))
+    if ((/^time\/generate\/engine_\d+$/.test(k) || /^time\/learn\/rank_\d+$/.test(k)) && !actorKeys.includes(k)) actorKeys.push(k);
+  if (actorKeys.length) {
+    actorKeys.sort();
+    document.getElementById("card-actors").classList.remove("hidden");
+    draw("chart-actors", lines(recs, actorKeys, actorKeys.map(k => k.replace("time/generate/", "generate ").replace("time/learn/", "learn "))),
+         layout("Per actor, per step (s): engines' generation, ranks' learning", "seconds"));
+  }
 
   if (state.sft.length) {
     document.getElementById("card-sft").classList.remove("hidden");

@@ -87,12 +87,16 @@ class LearnerGroup:
         return self._wait([r.ready.remote() for r in self._ranks], "ready")
 
     def train_step(self, batch: TrainBatch) -> dict:
-        """One step on every rank (``LearnerRank.train_step``); metrics averaged over ranks.
+        """One step on every rank (``LearnerRank.train_step``); metrics averaged over ranks, plus
+        ``time/learn/rank_{r}`` (each rank's ``learn_seconds``).
 
         The batch is put in the object store once, or passed by value when it is small and has no
         step-reward lists (module docstring)."""
         arg = batch if inline_batch(batch) else ray.put(batch)
-        return mean_dicts(self._wait([r.train_step.remote(arg) for r in self._ranks], "train_step"))
+        per_rank = self._wait([r.train_step.remote(arg) for r in self._ranks], "train_step")
+        # each rank's own learn time (s): the slowest sets the step, the others wait at its collectives
+        return {**mean_dicts(per_rank), **{f"time/learn/rank_{r}": m["learn_seconds"]
+                                           for r, m in enumerate(per_rank) if "learn_seconds" in m}}
 
     def set_algo(self, algo: AlgoConfig) -> None:
         """Switch every rank's algorithm section (between steps)."""

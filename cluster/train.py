@@ -79,7 +79,8 @@ def collect_groups(actors: Actors, stream: PromptStream, cfg: RunConfig, step: i
     """One step's scored groups; with dynamic sampling (DAPO) groups that are not informative are replaced."""
     need = cfg.rollout.prompts_per_step
     groups, t = _generate(actors, stream, need, cfg, step)
-    info = {"time/generate": t["generate"], "time/reward": t["reward"]}
+    info = {"time/generate": t["generate"], "time/reward": t["reward"],
+            **{f"time/generate/engine_{e}": b for e, b in enumerate(t.get("engine_busy", []))}}
     if not cfg.algo.dynamic_sampling:
         return groups, info
     steps = cfg.algo.advantage.uses_step_rewards

@@ -184,7 +184,9 @@ class EngineGroup:
         Returns:
             (groups in prompt order, one per prompt, timings {"generate": s until the last sample
             arrived, "reward": s spent waiting for scores after that, "engine_load": prompts per
-            engine (first dispatch), "engine_restarts": engines replaced during this call}).
+            engine (first dispatch), "engine_busy": per engine, s from the call's start until its
+            last chunk came back (the rest of "generate" it sat idle), "engine_restarts": engines
+            replaced during this call}).
         Raises:
             ValueError: ``seeds`` and ``prompts`` differ in length.
             ActorFailed: an exception inside an engine, or an engine died and there is no factory.
@@ -205,22 +207,25 @@ class EngineGroup:
             e = min(range(len(self._engines)), key=lambda k: load[k])
             load[e] += len(chunk[0])
             inflight[self._submit(chunk, e)] = (ci, e, self._engines[e])
-        results = self._collect(chunks, inflight, rewards)
+        busy = [0.0] * len(self._engines)  # per engine: s from the call's start until its last chunk came back
+        results = self._collect(chunks, inflight, rewards, busy, t0)
         t_gen = time.time() - t0
         out: list[Group] = []
         for ci in range(len(chunks)):
             out.extend(rewards.get(results[ci]) if rewards is not None else results[ci])
         return out, {"generate": t_gen, "reward": time.time() - t0 - t_gen, "engine_load": load,
-                     "engine_restarts": self._restarts - restarts0}
+                     "engine_busy": busy, "engine_restarts": self._restarts - restarts0}
 
     def _submit(self, chunk: tuple, e: int) -> Any:
         prompts, seeds, sampling = chunk
         return self._engines[e].generate.remote(prompts, sampling, seeds)
 
-    def _collect(self, chunks: list[tuple], inflight: dict, rewards: Optional[Any]) -> dict[int, Any]:
+    def _collect(self, chunks: list[tuple], inflight: dict, rewards: Optional[Any], busy: list[float],
+                 t0: float) -> dict[int, Any]:
         """Wait for every chunk (handing each to ``rewards`` as it arrives); replace dead engines.
 
-        Returns {chunk index: groups, or the reward pool's ref}. Errors as ``generate``.
+        Returns {chunk index: groups, or the reward pool's ref}; ``busy[e]`` is set to the time since
+        ``t0`` at which engine e's chunks came back. Errors as ``generate``.
         """
         results: dict[int, Any] = {}
         progress = [time.monotonic()] * len(self._engines)  # last time each engine finished (or got) a chunk
@@ -247,6 +252,7 @@ class EngineGroup:
                 continue
             self._failures_in_row = 0
             progress[e] = time.monotonic()
+            busy[e] = time.time() - t0
             results[ci] = rewards.submit(groups) if rewards is not None else groups
         return results
 

@@ -42,7 +42,9 @@ def _step(step: int, pipelined: bool = False) -> dict:
          "reward/failures": step % 2, "approx_kl_old": 0.001 * step, "kl_ref": 0.002 * step, "entropy": 0.5 - 0.01 * step,
          "response_len_mean": 20.0 + step, "response_len_max": 30, "clip_frac_low": 0.01, "clip_frac_high": 0.02,
          "zero_variance_frac": 0.25, "time/learn": 2.0, "time/sync": 0.05, "time/learner_idle": 1.2 + 0.1 * step,
-         "policy_version": step, "step": step, "time/step": 3.3 + 0.1 * step}
+         "policy_version": step, "step": step, "time/step": 3.3 + 0.1 * step,
+         "time/generate/engine_0": 1.0 + 0.1 * step, "time/generate/engine_1": 0.8, "time/learn/rank_0": 2.0,
+         "time/learn/rank_1": 1.9}
     r["time/engine_idle"] = r["time/step"] - r["time/learner_idle"]
     return r
 
@@ -184,6 +186,9 @@ def test_page_in_headless_chromium(served, tmp_path):
             for cid in ("chart-kl", "chart-entropy", "chart-length", "chart-clip", "chart-zerovar", "chart-failures"):
                 assert _points(page, cid) == 3, cid
             assert _points(page, "chart-sft") == 2 and page.is_visible("#chart-sft")
+            actors = page.evaluate("document.getElementById('chart-actors').data.map(t => [t.name, t.y])")
+            assert [a[0] for a in actors] == ["generate engine_0", "generate engine_1", "learn rank_0", "learn rank_1"]
+            assert actors[0][1] == pytest.approx([1.1, 1.2, 1.3]) and page.is_visible("#chart-actors")
             assert page.get_attribute("#chart-reward", "data-points") == "3"
             assert "dash" in page.inner_text("#run-name")
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)

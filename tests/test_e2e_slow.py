@@ -65,7 +65,8 @@ def test_arith_grpo_two_ranks(tmp_path, stage):
     # engine and learner agree on a fixed sequence after each sync (fp32: well under 1e-3 nats)
     assert all(r["sync/logprob_max_diff"] < 1e-3 for r in steps)
     for key in ("reward_mean", "reward/accuracy_mean", "reward/format_mean", "response_len_mean", "clip_frac_low",
-                "clip_frac_high", "logprob_mismatch", "time/generate", "time/reward", "time/learn", "time/sync"):
+                "clip_frac_high", "logprob_mismatch", "time/generate", "time/reward", "time/learn", "time/sync",
+                "time/generate/engine_0", "time/learn/rank_0", "time/learn/rank_1"):
         assert key in steps[-1], key
     assert (run_dir / "config.yaml").exists()
     assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # curves for `tensorboard --logdir`
