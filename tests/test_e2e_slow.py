@@ -70,7 +70,9 @@ def test_arith_grpo_two_ranks(tmp_path, stage):
         assert key in steps[-1], key
     assert (run_dir / "config.yaml").exists()
     assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # curves for `tensorboard --logdir`
-    assert "held-out greedy final: reward" in (run_dir / "log.txt").read_text()  # each run logs into its own directory
+    # each run logs into its own directory; the held-out line says how it sampled (greedy, or n samples at T)
+    assert ("held-out 4 samples at T=1 final: reward" if stage == 3 else "held-out greedy final: reward") \
+        in (run_dir / "log.txt").read_text()
     ckpt = Path(summary["checkpoint"])
     assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # plots: true by default
