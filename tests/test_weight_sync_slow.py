@@ -17,6 +17,7 @@ its weights differ from what the engine started with.
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -165,7 +166,16 @@ def test_replaced_engine_loads_the_kept_version(stack):
     try:
         sync.sync(7)
         assert _max_diff(learners, engines, probe) < 1e-5
-        ray.kill(engines.handles[0], no_restart=True)
+        dead = engines.handles[0]
+        ray.kill(dead, no_restart=True)
+        # ray.kill is asynchronous: a quick call can still reach the engine; wait until its death is visible
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                ray.get(dead.get_version.remote(), timeout=10)
+            except ray.exceptions.RayActorError:
+                break
+            time.sleep(0.2)
         restarts = engines.restarts
         assert engines.versions() == [7]  # the call finds the engine dead, replaces it, loads v7 whole
         assert engines.restarts == restarts + 1
