@@ -207,24 +207,24 @@ class EngineGroup:
             e = min(range(len(self._engines)), key=lambda k: load[k])
             load[e] += len(chunk[0])
             inflight[self._submit(chunk, e)] = (ci, e, self._engines[e])
-        busy = [0.0] * len(self._engines)  # per engine: s from the call's start until its last chunk came back
-        results = self._collect(chunks, inflight, rewards, busy, t0)
+        finished = [0.0] * len(self._engines)  # per engine: s from the call's start until its last chunk came back
+        results = self._collect(chunks, inflight, rewards, finished, t0)
         t_gen = time.time() - t0
         out: list[Group] = []
         for ci in range(len(chunks)):
             out.extend(rewards.get(results[ci]) if rewards is not None else results[ci])
         return out, {"generate": t_gen, "reward": time.time() - t0 - t_gen, "engine_load": load,
-                     "engine_busy": busy, "engine_restarts": self._restarts - restarts0}
+                     "engine_busy": finished, "engine_restarts": self._restarts - restarts0}
 
     def _submit(self, chunk: tuple, e: int) -> Any:
         prompts, seeds, sampling = chunk
         return self._engines[e].generate.remote(prompts, sampling, seeds)
 
-    def _collect(self, chunks: list[tuple], inflight: dict, rewards: Optional[Any], busy: list[float],
+    def _collect(self, chunks: list[tuple], inflight: dict, rewards: Optional[Any], finished: list[float],
                  t0: float) -> dict[int, Any]:
         """Wait for every chunk (handing each to ``rewards`` as it arrives); replace dead engines.
 
-        Returns {chunk index: groups, or the reward pool's ref}; ``busy[e]`` is set to the time since
+        Returns {chunk index: groups, or the reward pool's ref}; ``finished[e]`` is set to the time since
         ``t0`` at which engine e's chunks came back. Errors as ``generate``.
         """
         results: dict[int, Any] = {}
@@ -252,7 +252,7 @@ class EngineGroup:
                 continue
             self._failures_in_row = 0
             progress[e] = time.monotonic()
-            busy[e] = time.time() - t0
+            finished[e] = time.time() - t0
             results[ci] = rewards.submit(groups) if rewards is not None else groups
         return results
 
