@@ -186,7 +186,7 @@ def rollout_metrics(groups: list[Group], prefix: str = "", accuracy: str | None 
         vals = [v for g in groups for v in g.reward_parts.get(n, []) if v is not None]
         out[f"{prefix}reward/{n}_mean"] = _mean(vals)
         out[f"{prefix}reward/{n}_std"] = _std(vals)
-    acc = accuracy_function(names, accuracy) if accuracy in names or accuracy is None else None
+    acc = accuracy_function(names) if accuracy is None else (accuracy if accuracy in names else None)
     if acc is not None:
         out[f"{prefix}accuracy"] = out[f"{prefix}reward/{acc}_mean"]
     fails: dict[str, int] = {}

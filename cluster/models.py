@@ -38,8 +38,10 @@ def resolve_model(path: str) -> str:
         ModelPathError: ``path`` looks like a local path (starts with ``/``, ``.`` or ``~``) that does
             not exist, or the hub cannot provide it (offline and not cached, unknown repo, no network).
     """
-    if path.startswith("builtin:") or Path(path).expanduser().is_dir():
-        return str(Path(path).expanduser()) if not path.startswith("builtin:") else path
+    if path.startswith("builtin:"):
+        return path
+    if Path(path).expanduser().is_dir():
+        return str(Path(path).expanduser())
     if path.startswith(("/", ".", "~")) or _split_revision(path)[0].count("/") > 1:
         raise ModelPathError(f"model.path {path!r}: no such folder here (and not a hub id 'org/name')")
     from huggingface_hub import snapshot_download

@@ -138,9 +138,11 @@ def evaluate(actors: Actors, prompts: list[Prompt], cfg: RunConfig, dump: Path |
     """Held-out evaluation through the engines: reward, every function's mean, accuracy, pass@k, maj@k.
 
     ``eval.n`` = 1: one greedy (temperature 0) completion per prompt; > 1: ``eval.n`` samples at
-    ``eval.temperature``. Accuracy is the mean score of ``eval.accuracy`` (default: the built-in
-    accuracy function present, :func:`troupe.reward.passk.accuracy_function`); pass@k / maj@k for
-    each ``eval.k`` (:func:`troupe.reward.passk.eval_metrics`). With ``dump``, every sample's
+    ``eval.temperature``. ``eval/accuracy`` is the share of samples that the ``eval.accuracy``
+    function (default: the built-in accuracy function present,
+    :func:`troupe.reward.passk.accuracy_function`) scores >= ``eval.correct_at``; its mean score
+    stays in ``eval/reward/<fn>_mean``. pass@k / maj@k for each ``eval.k``
+    (:func:`troupe.reward.passk.eval_metrics`). With ``dump``, every sample's
     completion and scores are written there as JSONL (one line per sample).
     """
     ev = cfg.eval

@@ -507,8 +507,9 @@ class EvalConfig(_Strict):
     """
 
     accuracy: Optional[str] = Field(
-        None, description="The reward.functions name whose held-out mean is reported as accuracy (and decides "
-                          "'correct' for pass@k/maj@k). None: the first built-in accuracy function present "
+        None, description="The reward.functions name that decides 'correct' (a score >= eval.correct_at): held-out "
+                          "accuracy is the share of correct samples, and pass@k/maj@k count them. None: the first "
+                          "built-in accuracy function present "
                           "(accuracy, gsm8k, math); none present: accuracy is not reported, the reward is.")
     correct_at: float = Field(1.0, description="A sample is correct when the accuracy function scores at least this.")
     n: int = Field(1, ge=1, le=1024, description="Completions per held-out prompt (1: greedy).")

@@ -6,8 +6,8 @@ torch's ``cpp_extension`` under ``TORCH_EXTENSIONS_DIR`` (troupe's default: ``.v
 see :func:`use_venv_extensions_dir`).
 Two things go wrong when that happens inside Ray actors:
 
-* it takes minutes on a small machine (``fused_adam``: about 4 min on 2 cores), all of it inside
-  the first run's start-up;
+* it takes minutes on a small machine (both ops: 82-103 s on 2 cores, alone; longer next to a
+  running engine), all of it inside the first run's start-up;
 * torch guards each build with a ``lock`` file (``FileBaton``) that it never expires: a process
   killed mid-build (a timeout, Ctrl-C, ``ray stop``) leaves the file behind and every later learner
   waits on it forever, silently. (This hung troupe's CI for 80 minutes.)
