@@ -150,9 +150,17 @@ class RolloutAhead:
         with self._cond:
             return self._snaps.get(step)
 
-    def close(self) -> None:
-        """Stop after the batch in flight (waits for it, at most the rollout's own timeouts); idempotent."""
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Stop after the batch in flight; idempotent. Returns whether the rollout thread has ended.
+
+        ``timeout=None`` waits for the batch in flight (at most the rollout's own remote-call
+        timeouts): the normal end of a run, before the final evaluation uses the engines. On an
+        error path pass a few seconds: a batch stuck on a dead actor is then abandoned (the thread
+        is a daemon, and the actor teardown that follows makes its remote call fail) instead of
+        holding the exit for up to ``cluster.rpc_timeout_s``.
+        """
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

@@ -368,8 +368,8 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
         writer.write({"step": state.step, "final": True, **final})
         ckpt = actors.learners.save_hf(str(run_dir / "checkpoints" / "final"), str(run_dir / "tokenizer"))
     finally:
-        if ahead is not None:
-            ahead.close()
+        if ahead is not None and not ahead.close(timeout=10.0):
+            say("rollout thread still inside a remote call after 10 s: abandoned (the actors stop next)")
         sync.close()
         writer.close()
     return {"eval_start": state.eval_start, "eval_final": final, "last_step": record, "checkpoint": ckpt,

@@ -51,6 +51,43 @@ from troupe.learner.registry import LossInputs
 from troupe.learner.step import minibatch_norms, step_advantages
 
 
+def replay_adam_step_product(optimizer) -> int:
+    """Bring DeepSpeed's CPU Adam bias-correction state to where an uninterrupted run has it.
+
+    DeepSpeed's fused/CPU Adam kernel (``csrc/includes/cpu_adam.h``, ``IncrementStep``) keeps
+    beta1^t and beta2^t in one process-wide C++ object per mode: each step multiplies the previous
+    product by beta (float32), but a step number that is not the previous one plus one (the first
+    step of a fresh process after a resume) recomputes ``pow(beta, t)``. The two differ in the last
+    bits, so a resumed run's first update (and every later number) drifted by ~1e-7 relative. This
+    calls the kernel once per past step 1..t on empty tensors (no parameter changes), so the
+    product is built exactly as the uninterrupted run built it. ``optimizer`` is the engine's
+    optimizer (ZeRO wrappers are unwrapped via ``.optimizer``); t is the largest ``step`` in its
+    state. Returns t, or 0 when the optimizer is not DeepSpeed's FusedAdam / CPU Adam (torch's
+    AdamW computes beta**t on every step and needs nothing).
+    """
+    inner = optimizer
+    while not hasattr(inner, "multi_tensor_adam") and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    kernel = getattr(inner, "multi_tensor_adam", None)
+    if kernel is None:
+        return 0
+    steps = [int(st["step"]) for st in inner.state.values() if "step" in st]
+    steps += [int(g["step"]) for g in inner.param_groups if "step" in g]
+    last = max(steps, default=0)
+    if last == 0:
+        return 0
+    from deepspeed.ops.adam.multi_tensor_apply import MultiTensorApply
+
+    group = inner.param_groups[0]
+    empty = torch.empty(0, dtype=torch.float32)
+    apply = MultiTensorApply(2048 * 32)
+    for t in range(1, last + 1):
+        apply(kernel, inner._dummy_overflow_buf, [[empty], [empty], [empty], [empty]], group["lr"],
+              group["betas"][0], group["betas"][1], group["eps"], t, inner.adam_w_mode,
+              1 if group.get("bias_correction", True) else 0, group["weight_decay"])
+    return last
+
+
 def _ds_config(*, zero_stage: int, micro: int, gas: int, world: int, lr: float, weight_decay: float,
                betas: tuple[float, float], grad_clip: float, dtype: str) -> dict:
     cfg = {
@@ -162,6 +199,7 @@ class ZeroRank:
         if path is None:
             raise RuntimeError(f"rank {self.rank}: no DeepSpeed state under {save_dir}/state")
         self.optimizer_steps = int(client["optimizer_steps"])
+        replay_adam_step_product(self.engine.optimizer)
         torch.set_rng_state(client["torch_rng"])
         return {"optimizer_steps": self.optimizer_steps}
 

@@ -81,21 +81,16 @@ def _has_step(run_dir: Path, step: int):
     return lambda: (run_dir / "metrics.jsonl").exists() and step in _steps(run_dir)
 
 
-# What is bit-exact today (measured; README "Faults"): every step up to the checkpoint and the first
-# step after it, entirely; every later step's rollout (sampled tokens, rewards, lengths). The learner's
-# numbers from the second step after the resume on drift by ~1e-7 relative (ZeRO-2 and ZeRO-3): the
-# restored weights and AdamW moments are bit-identical (checked by hash), so DeepSpeed keeps some
-# state outside its checkpoint that changes the first update of a fresh engine in the last bits.
-LEARNER = ("loss", "pg_loss", "kl_loss", "kl_ref", "grad_norm", "entropy", "logprob_mismatch", "approx_kl_old",
-           "sampling_kl", "tis_weight_mean", "ratio_mean", "clip_frac_low", "clip_frac_high", "reward_shaped_mean",
-           "reward_shaped_std", "adv/mean", "adv/std")
+# Bit-exact resume needed sampling seeds from (seed, step, prompt), every RNG in the checkpoint, and
+# DeepSpeed's CPU Adam bias-correction product rebuilt as an uninterrupted run builds it
+# (``replay_adam_step_product``; without it the learner's numbers drifted by ~1e-7 relative).
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_after_sigkill_of_the_driver(tmp_path, stage):
-    """float32, fixed seed: killed with SIGKILL after the step-2 checkpoint and resumed, the run repeats the
-    uninterrupted run: steps 1-3 bit for bit, step 4's rollout bit for bit and its learner numbers to 1e-5."""
-    extra = ["steps=4", "checkpoint.every=2", f"learner.zero_stage={stage}", "algo.kl_coef=0.01"]
+    """float32, fixed seed: killed with SIGKILL after the step-2 checkpoint and resumed, the run writes the
+    same metrics as the uninterrupted run for every step, bit for bit (rollout and learner numbers)."""
+    extra = ["steps=5", "checkpoint.every=2", f"learner.zero_stage={stage}", "algo.kl_coef=0.01"]
     assert main(["train", CONFIG, f"output_dir={tmp_path}", "name=whole", *BASE, *extra]) == 0
     whole = _steps(tmp_path / "whole")
 
@@ -106,16 +101,12 @@ def test_resume_after_sigkill_of_the_driver(tmp_path, stage):
     proc.wait(60)
     assert main(["train", CONFIG, f"output_dir={tmp_path}", "name=killed", *BASE, *extra, "--resume"]) == 0
     resumed = _steps(run_dir)
-    assert sorted(resumed) == [1, 2, 3, 4]  # records written after the checkpoint by the killed driver are gone
+    assert sorted(resumed) == [1, 2, 3, 4, 5]  # records written after the checkpoint by the killed driver are gone
     assert all(whole[s]["grad_norm"] > 0 for s in whole)
     assert {"reward_mean", "loss", "grad_norm", "kl_ref", "entropy", "response_len_mean"} <= set(_results(whole[3]))
-    for s in (1, 2, 3):
+    assert any(whole[s]["kl_ref"] != whole[s + 1]["kl_ref"] for s in (3, 4))  # the learner moved after the resume
+    for s in (1, 2, 3, 4, 5):
         assert _results(resumed[s]) == _results(whole[s]), f"step {s} differs after resume"
-    a, b = _results(resumed[4]), _results(whole[4])
-    assert {k: v for k, v in a.items() if k not in LEARNER} == {k: v for k, v in b.items() if k not in LEARNER}
-    for k in LEARNER:
-        if k in b:
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
     assert all(resumed[s]["sync/logprob_max_diff"] < 1e-5 for s in resumed)
     assert "resumed from" in (run_dir / "log.txt").read_text()
     # keep_last 2 (default): the checkpoints of steps 2 and 4

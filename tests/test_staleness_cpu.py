@@ -136,6 +136,26 @@ def test_an_error_in_the_rollout_reaches_the_learner():
         RolloutAhead(produce, 1, 3, 0, version=0, snapshot=dict)
 
 
+def test_close_with_a_timeout_abandons_a_batch_stuck_in_a_remote_call():
+    """On an error path the run does not wait cluster.rpc_timeout_s for a rollout stuck on a dead actor."""
+    stuck, release = threading.Event(), threading.Event()
+
+    def produce(step: int):
+        stuck.set()
+        release.wait(30)  # a remote call that does not come back
+        return [_group(0)], {}
+
+    ahead = RolloutAhead(produce, 1, 3, 1, version=0, snapshot=dict)
+    _wait_for(stuck.is_set)
+    t0 = time.time()
+    assert ahead.close(timeout=0.2) is False  # abandoned, still inside produce
+    assert time.time() - t0 < 5
+    release.set()  # the call fails or returns (the actor teardown): the thread then ends by itself
+    _wait_for(lambda: ahead.close(timeout=0.1))
+    with pytest.raises(RuntimeError, match="closed"):
+        ahead.get(2)
+
+
 def test_max_staleness_config_rules():
     demo = REPO / "configs" / "arith_cpu.yaml"
     assert load_config(demo).rollout.max_staleness == 0  # the synchronous loop stays the default
