@@ -148,7 +148,8 @@ class RolloutConfig(_Strict):
         description="Pipelined generation: the engines sample up to this many steps ahead of the learner, so a group "
                     "may lag the policy it is trained against by up to N versions (older ones are dropped, counted "
                     "and resampled; troupe.rollout.staleness). 0: the synchronous loop (generate, learn, sync). "
-                    "N > 0 needs sync.every = 1; pair it with algo.tis_cap for the off-policy correction.")
+                    "N > 0 needs sync.every = 1; algo.old_logp (auto: the engines' log-probs) makes the clip bound how far a "
+                    "stale group moves the policy.")
 
 
 RewardName = str
@@ -321,6 +322,14 @@ class AlgoConfig(_Strict):
     tis_cap: Optional[float] = Field(
         2.0, gt=0.0, description="Truncated importance weight cap for old/sampling mismatch (None: off)."
     )
+    old_logp: Literal["auto", "learner", "sampling"] = Field(
+        "auto", description="The 'old' policy of the clipped ratio. 'auto': 'sampling' when rollout.max_staleness "
+        "> 0, else 'learner' (resolved when the run config is read). 'learner': the learner's own log-probs "
+        "before the step's first update (with one epoch and one mini-batch the ratio starts at 1 and "
+        "algo.tis_cap weighs the engines' policy against it: AReaL's decoupled PPO with the current policy "
+        "as the proximal one). 'sampling': the engines' log-probs of the sampled tokens, the behaviour "
+        "policy (slime's use_rollout_logprobs, prime-rl): the clip then also bounds how far a stale "
+        "group moves the policy from the one that drew it; tis_cap has nothing left to correct.")
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
         "token_mean", description="Loss aggregation (DAPO, GRPO paper, Dr.GRPO)."
     )
@@ -626,6 +635,8 @@ class RunConfig(_Strict):
         if self.rollout.max_staleness and self.sync.every != 1:
             raise ValueError(f"rollout.max_staleness = {self.rollout.max_staleness} needs sync.every = 1 (got "
                              f"{self.sync.every}): staleness is counted in policy versions, one per step")
+        if self.algo.old_logp == "auto":  # measured: bench/results/pipeline_demo.md, README "Speed"
+            self.algo.old_logp = "sampling" if self.rollout.max_staleness else "learner"
         if self.rollout.max_staleness and self.reward.iterative is not None:
             raise ValueError("rollout.max_staleness > 0 cannot be combined with reward.iterative (the reward model "
                              "would be retrained while later steps are being scored); use rollout.max_staleness: 0")

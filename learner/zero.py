@@ -29,6 +29,8 @@ old log-probs equal the training forward's, detached (TRL's convention: ratio ex
 separate no-grad forward over the batch is then skipped and each micro-step uses its own
 detached log-probs; "logprob_mismatch" and the TIS weights min(exp(old - sampling), cap) come
 from those. ``learner.skip_old_forward: false`` runs the separate forward anyway (same update).
+With ``algo.old_logp: sampling`` the ratio's old policy is the engines' (the behaviour policy of a
+possibly stale group): no separate forward is needed at all, ``old`` then only feeds the metrics.
 """
 
 from __future__ import annotations
@@ -477,11 +479,14 @@ class LearnerRank(ZeroRank):
         return out
 
     def skips_old_forward(self) -> bool:
-        """Whether this step takes the old log-probs from the training forward (module docstring): one epoch, one
-        mini-batch, KL not in the reward, and ``learner.skip_old_forward`` on."""
+        """Whether this step skips the separate old log-prob forward (module docstring): KL not in the reward,
+        and either ``algo.old_logp: sampling`` (the ratio's old policy is the engines') or one epoch, one
+        mini-batch and ``learner.skip_old_forward`` on. Then ``old`` holds the training forward's own
+        detached log-probs (for the metrics, and as the ratio's old policy unless it is the sampling one)."""
         a = self.algo
-        return bool(self.lc.skip_old_forward and a.ppo_epochs == 1 and a.mini_batches == 1
-                    and not (a.kl_in == "reward" and a.kl_coef > 0))
+        if a.kl_in == "reward" and a.kl_coef > 0:
+            return False
+        return bool(a.old_logp == "sampling" or (self.lc.skip_old_forward and a.ppo_epochs == 1 and a.mini_batches == 1))
 
     def sequence_logprobs(self, token_ids: list[int], start: int) -> list[float]:
         """Learner log-probs (temperature 1) of ``token_ids[start:]`` given their prefix, for the sync check.
@@ -596,10 +601,11 @@ class LearnerRank(ZeroRank):
         # accumulation (ZeRO-3 otherwise overwrites, not adds, each micro-batch's gradient partition)
         lp, ent = self._forward_logprobs(self.engine, micro, with_entropy=True)
         dev = lp.device
-        old = lp.detach() if old is None else old.to(dev)
-        inp = LossInputs(lp, old, adv.to(dev), micro.response_mask.to(dev), micro.sampling_logprobs.to(dev),
-                         None if ref is None else ref.to(dev))
         a = self.algo
+        old = lp.detach() if old is None else old.to(dev)
+        sampling = micro.sampling_logprobs.to(dev)
+        inp = LossInputs(lp, sampling if a.old_logp == "sampling" else old, adv.to(dev), micro.response_mask.to(dev),
+                         sampling, None if ref is None else ref.to(dev))
         loss, met = grpo.policy_loss(inp, a.policy_loss, norm, tis_cap=a.tis_cap,
                                      kl_coef=a.kl_coef if a.kl_in == "loss" else 0.0, kl_estimator=a.kl_estimator)
         scaled = loss * self.gas * self.world

@@ -192,6 +192,26 @@ def test_skipping_the_old_forward_gives_the_same_update(tmp_path, stage, ranks, 
 
 
 @pytest.mark.ray
+def test_old_logp_sampling_clips_against_the_engines_policy(tmp_path, ray_local):
+    """algo.old_logp = sampling: the ratio is pi_theta / pi_sampling (the batch's engine log-probs, here 1.5-5
+    nats below the model's), so it starts far from 1 and the clip acts on the first update; the learner's own
+    log-probs still feed logprob_mismatch; no separate old forward runs."""
+    from troupe.learner.tiny_model import build_tiny_model
+
+    model = build_tiny_model(str(tmp_path / "m"), ["0123456789+=<think></think><answer></answer> abc"] * 20)
+    batch = _varied_batch()
+    common = ["learner.zero_stage=2", "learner.micro_batch_size=2"]
+    m_l, w_l, skips_l = _one_step(ray_local, model, batch, common + ["algo.old_logp=learner"], 1)
+    m_s, w_s, skips_s = _one_step(ray_local, model, batch, common + ["algo.old_logp=sampling"], 1)
+    assert skips_l and skips_s
+    assert m_l["ratio_mean"] == 1.0 and m_l["clip_frac_high"] == 0.0
+    assert m_s["ratio_mean"] > 2.0 and m_s["clip_frac_high"] > 0.2  # positive-advantage tokens past 1 + clip_high
+    assert m_s["logprob_mismatch"] == pytest.approx(m_l["logprob_mismatch"], rel=1e-6)
+    assert m_s["tis_weight_mean"] == pytest.approx(1.0)  # nothing left for TIS to correct
+    assert _max_diff(w_l, w_s) > 1e-4  # a different update
+
+
+@pytest.mark.ray
 def test_token_budget_micro_batches_give_the_same_update(tmp_path, ray_local):
     """Token-budget micro-batches (a different number per rank before equalising, trimmed padding, DeepSpeed's
     accumulation boundary set by hand) give the update of one whole-batch micro-batch on one rank, under ZeRO-2

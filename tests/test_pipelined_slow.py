@@ -1,7 +1,7 @@
 """Pipelined GRPO (rollout.max_staleness = 1) against the synchronous loop on the arithmetic demo,
 on the real stack (local Ray, a vLLM CPU engine, DeepSpeed over gloo), both from the same cold-start
-policy: the synchronous run learns; the pipelined one trains on groups at most one version old, drops
-none, and its checkpoint saves the prompt stream as it was before the prefetched step took its prompts."""
+policy: both learn; the pipelined one trains on groups at most one version old, drops none, and its
+checkpoint saves the prompt stream as it was before the prefetched step took its prompts."""
 
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ def test_pipelined_and_synchronous_runs_from_one_cold_start(tmp_path):
     start = sync["eval_start"]["eval/accuracy"]
     assert pipe["eval_start"]["eval/accuracy"] == start  # the same cold-start policy, the same held-out prompts
     assert sync["eval_final"]["eval/accuracy"] >= start + 0.05, (start, sync["eval_final"])
-    # pipelined: the policy moved (this small setting is too short and noisy for a learning claim: measured
-    # 0.539 -> 0.352 here once, while on the demo's own 64 prompts x 20 steps it went 0.563 -> 0.758,
-    # bench/results/pipeline_demo.md)
-    assert pipe["eval_final"]["eval/accuracy"] != start and all(r["grad_norm"] > 0 for r in pipe_steps)
+    # pipelined (algo.old_logp auto -> the engines' log-probs in the clipped ratio): it learns too. With the
+    # learner's own log-probs it went 0.539 -> 0.352 here once (README "Speed")
+    assert pipe["eval_final"]["eval/accuracy"] >= start + 0.05, (start, pipe["eval_final"])
+    assert all(r["grad_norm"] > 0 for r in pipe_steps)
     assert all(0 < r["logprob_mismatch"] for r in pipe_steps[1:])  # sampled by an older policy than the learner's
     # synchronous: every group on-policy, no staleness metrics; pipelined: the first step on-policy, then
     # (the rollout of step s+1 overlapping the update of step s) groups within the bound, none dropped

@@ -164,3 +164,13 @@ def test_max_staleness_config_rules():
         load_config(demo, ["rollout.max_staleness=1", "sync.every=2"])
     with pytest.raises(ConfigError, match="max_staleness"):
         load_config(demo, ["rollout.max_staleness=-1"])
+
+
+def test_old_logp_auto_is_the_engines_policy_only_when_pipelined():
+    demo = REPO / "configs" / "arith_cpu.yaml"
+    assert load_config(demo).algo.old_logp == "learner"
+    assert load_config(demo, ["rollout.max_staleness=1"]).algo.old_logp == "sampling"
+    assert load_config(demo, ["rollout.max_staleness=1", "algo.old_logp=learner"]).algo.old_logp == "learner"
+    assert load_config(demo, ["algo.old_logp=sampling"]).algo.old_logp == "sampling"
+    with pytest.raises(ConfigError, match="old_logp"):
+        load_config(demo, ["algo.old_logp=behaviour"])
