@@ -58,13 +58,15 @@ def summarize(run_dir: Path) -> dict:
     steps = [r for r in recs if r.get("step", 0) >= 1 and not r.get("final") and "time/step" in r]
     warm = steps[1:] or steps
     summary = json.loads((run_dir / "summary.json").read_text())
+    old_logp = next((line.split(":", 1)[1].strip() for line in (run_dir / "config.yaml").read_text().splitlines()
+                     if line.strip().startswith("old_logp:")), "?")
 
     def avg(key: str) -> float:
         return _mean([r.get(key, 0.0) for r in warm])
 
     rollout = _mean([r["time/generate"] + r["time/reward"] for r in warm])
     learn, step = avg("time/learn"), avg("time/step")
-    return {"steps": len(steps), "step": step, "rollout": rollout, "learn": learn, "sync": avg("time/sync"),
+    return {"old_logp": old_logp, "steps": len(steps), "step": step, "rollout": rollout, "learn": learn, "sync": avg("time/sync"),
             "ratio": step / max(rollout, learn), "learner_idle": avg("time/learner_idle"),
             "engine_idle": avg("time/engine_idle"), "staleness": avg("staleness/mean"),
             "acc_start": summary["eval_start"].get("eval/accuracy"), "acc_final": summary["eval_final"].get("eval/accuracy"),
@@ -126,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
              + (f"{sft_s:.0f} s to make" if sft_s is not None else f"`--init {args.init}`") + "). Times are means over "
              "the steps after the first, in seconds; rollout = generate + reward wait; step / max = step time over "
              "max(rollout, learn) measured in the same run.", "",
-             "| max_staleness | steps | step s | rollout s | learn s | sync s | step / max(rollout, learn) | learner idle s "
+             "| max_staleness | ratio's old policy (algo.old_logp) | steps | step s | rollout s | learn s | sync s | step / max(rollout, learn) | learner idle s "
              "| engine idle s | mean staleness | held-out acc start -> final | sampled acc (last 3 steps) | GRPO wall s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['n']} | {r['steps']} | {r['step']:.2f} | {r['rollout']:.2f} | {r['learn']:.2f} | {r['sync']:.2f} "
+        lines.append(f"| {r['n']} | {r['old_logp']} | {r['steps']} | {r['step']:.2f} | {r['rollout']:.2f} | {r['learn']:.2f} | {r['sync']:.2f} "
                      f"| {r['ratio']:.2f}x | {r['learner_idle']:.2f} | {r['engine_idle']:.2f} | {r['staleness']:.2f} "
                      f"| {r['acc_start']:.3f} -> {r['acc_final']:.3f} | {r['train_acc_last']:.3f} | {r['grpo_wall']:.0f} |")
     out_md.parent.mkdir(parents=True, exist_ok=True)
