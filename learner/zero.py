@@ -64,14 +64,17 @@ def replay_adam_step_product(optimizer) -> int:
     calls the kernel once per past step 1..t on empty tensors (no parameter changes), so the
     product is built exactly as the uninterrupted run built it. ``optimizer`` is the engine's
     optimizer (ZeRO wrappers are unwrapped via ``.optimizer``); t is the largest ``step`` in its
-    state. Returns t, or 0 when the optimizer is not DeepSpeed's FusedAdam / CPU Adam (torch's
-    AdamW computes beta**t on every step and needs nothing).
+    state. Returns t, or 0 when the optimizer is not DeepSpeed's FusedAdam on CPU parameters (torch's
+    AdamW and DeepSpeed's CUDA kernel compute beta**t from the step on every call: nothing to rebuild).
     """
     inner = optimizer
     while not hasattr(inner, "multi_tensor_adam") and hasattr(inner, "optimizer"):
         inner = inner.optimizer
     kernel = getattr(inner, "multi_tensor_adam", None)
     if kernel is None:
+        return 0
+    params = [p for g in inner.param_groups for p in g["params"]]
+    if params and params[0].device.type != "cpu":  # the CUDA kernel computes beta**t from the step on each call
         return 0
     steps = [int(st["step"]) for st in inner.state.values() if "step" in st]
     steps += [int(g["step"]) for g in inner.param_groups if "step" in g]
