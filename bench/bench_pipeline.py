@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 TROUPE = [sys.executable, "-m", "troupe.cluster.cli"]
 
@@ -58,8 +60,7 @@ def summarize(run_dir: Path) -> dict:
     steps = [r for r in recs if r.get("step", 0) >= 1 and not r.get("final") and "time/step" in r]
     warm = steps[1:] or steps
     summary = json.loads((run_dir / "summary.json").read_text())
-    old_logp = next((line.split(":", 1)[1].strip() for line in (run_dir / "config.yaml").read_text().splitlines()
-                     if line.strip().startswith("old_logp:")), "?")
+    old_logp = yaml.safe_load((run_dir / "config.yaml").read_text())["algo"]["old_logp"]  # as the run resolved it
 
     def avg(key: str) -> float:
         return _mean([r.get(key, 0.0) for r in warm])

@@ -29,3 +29,20 @@ def nan_loss(inp: grpo.LossInputs, cfg: NaNLoss):
     if cfg.poison:
         loss = loss + torch.full_like(loss, float("nan"))
     return loss, {}
+
+
+def wait_until_dead(ray, call, timeout_s: float = 60.0) -> None:
+    """Wait (at most ``timeout_s``) until ``call()``, a bound ``actor.method.remote``, raises RayActorError.
+
+    ``ray.kill`` is asynchronous: a call made right after it can still be answered by the dying actor,
+    so a test that expects the next call to find the actor dead (and replace it) waits here first.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(call(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.2)

@@ -59,6 +59,7 @@ def _scores_of_each_actor(ray, pool, g: Group) -> list[list[float]]:
 
 
 def test_refresh_reaches_every_reward_model_actor(ray_local, rm_dir, other_rm):
+    from fault_plugins import wait_until_dead
     from troupe.reward.router import RewardRouter
 
     ray = ray_local
@@ -98,7 +99,7 @@ def test_refresh_reaches_every_reward_model_actor(ray_local, rm_dir, other_rm):
 
         # an actor killed for good is replaced by the pool, and the replacement starts from the new folder
         ray.kill(first, no_restart=True)
-        _wait_gone(ray, first)
+        wait_until_dead(ray, first.ping.remote, 30)
         out = router.score_now([g], timeout=180)
         assert pool.restarts == 1 and pool.workers[0] is not first
         assert out[0].reward_parts["rm"] == pytest.approx(v1, abs=1e-5)
@@ -107,16 +108,6 @@ def test_refresh_reaches_every_reward_model_actor(ray_local, rm_dir, other_rm):
             assert scores == pytest.approx(v1, abs=1e-5)
     finally:
         router.shutdown()
-
-
-def _wait_gone(ray, actor) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            ray.get(actor.ping.remote(), timeout=5)
-        except ray.exceptions.RayActorError:
-            return
-        time.sleep(0.2)
 
 
 def test_grpo_retrains_its_reward_model_every_step(rm_dir, tmp_path):

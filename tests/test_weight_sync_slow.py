@@ -17,7 +17,6 @@ its weights differ from what the engine started with.
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +157,7 @@ def test_bucketed_sync_equals_full_gather_and_engines_agree(stack):
 
 def test_replaced_engine_loads_the_kept_version(stack):
     import ray
+    from fault_plugins import wait_until_dead
 
     from troupe.cluster.weight_sync import WeightSync
 
@@ -168,14 +168,7 @@ def test_replaced_engine_loads_the_kept_version(stack):
         assert _max_diff(learners, engines, probe) < 1e-5
         dead = engines.handles[0]
         ray.kill(dead, no_restart=True)
-        # ray.kill is asynchronous: a quick call can still reach the engine; wait until its death is visible
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                ray.get(dead.get_version.remote(), timeout=10)
-            except ray.exceptions.RayActorError:
-                break
-            time.sleep(0.2)
+        wait_until_dead(ray, dead.get_version.remote)
         restarts = engines.restarts
         assert engines.versions() == [7]  # the call finds the engine dead, replaces it, loads v7 whole
         assert engines.restarts == restarts + 1
