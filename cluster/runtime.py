@@ -270,7 +270,7 @@ def start_actors(cfg: RunConfig, model_path: str, log: Callable[[str], None] = p
     E, n, cl = cfg.rollout.num_engines, cfg.learner.num_ranks, cfg.cluster
     start_engine, Learner = engine_factory(cfg, model_path, pg, bundles), ray.remote(LearnerRank)
     engines = EngineGroup([start_engine(i) for i in range(E)], factory=start_engine, rpc_timeout_s=cl.rpc_timeout_s,
-                          max_failures=cl.max_engine_failures, log=log)
+                          max_failures=cl.max_engine_failures, log=log, stall_timeout_s=cl.engine_stall_s)
     master_addr, master_port = _bundle_ip(pg, E), _free_port()
     learners = LearnerGroup([start_named(Learner, f"learner-rank-{r}", (r, n, master_addr, master_port, model_path, cfg),
                                          **_actor_options(cfg, pg, bundles, E + r)) for r in range(n)],
@@ -302,7 +302,8 @@ def start_engines(cfg: RunConfig, model_path: str, log: Callable[[str], None] = 
     start = engine_factory(cfg, model_path, pg, bundles)
     cl = cfg.cluster
     engines = EngineGroup([start(i) for i in range(cfg.rollout.num_engines)], factory=start,
-                          rpc_timeout_s=cl.rpc_timeout_s, max_failures=cl.max_engine_failures, log=log)
+                          rpc_timeout_s=cl.rpc_timeout_s, max_failures=cl.max_engine_failures, log=log,
+                          stall_timeout_s=cl.engine_stall_s)
     try:
         engines.ready()
     except BaseException:

@@ -423,6 +423,10 @@ class ClusterConfig(_Strict):
     max_engine_failures: int = Field(3, ge=0, le=1000, description="Engine deaths in a row (no chunk completed "
                                      "between them) after which the run stops; each death before that replaces the "
                                      "engine and resamples its unfinished prompts.")
+    engine_stall_s: Optional[float] = Field(None, gt=0.0, le=7 * 86400.0, description="An engine with unfinished "
+                                            "generate chunks that finishes none for this long is treated as wedged: "
+                                            "killed, replaced and its prompts resampled, counting as one engine "
+                                            "failure. None: rpc_timeout_s. Set it above the slowest chunk.")
     max_nonfinite_steps: int = Field(3, ge=1, le=1000, description="Steps in a row whose loss or gradient norm is "
                                      "not finite (their update is skipped) after which the run stops.")
 

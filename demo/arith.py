@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -128,7 +128,27 @@ def _operands(question: str) -> list[int]:
     return [int(p) for p in parts]
 
 
-def worked_solution(row: dict, *, forget_carry: bool = False, conclusion: str = "so") -> str:
+SOLUTION_STYLES = ("columns", "running")
+"""``ArithOptions.solution``: column addition (the demo) or running sums (long responses)."""
+
+
+def running_solution(row: dict, *, conclusion: str = "so") -> str:
+    """The running-sum worked solution: the operands added left to right, one step per operand.
+
+    For ``12+47+85``: ``<think>12+47=59,59+85=144,so 144</think><answer>144</answer>``. With
+    many operands this is a long response made of easy steps (a two-digit number added to the
+    partial sum), the long-response task of ``configs/arith_long_cpu.yaml``: ``n`` operands of
+    two digits give about ``10 * n`` response tokens with the demo's digit-by-digit tokenizer.
+    """
+    nums = _operands(row["question"])
+    steps, total = [], nums[0]
+    for x in nums[1:]:
+        steps.append(f"{total}+{x}={total + x}")
+        total += x
+    return f"<think>{','.join(steps)},{conclusion} {total}</think><answer>{total}</answer>"
+
+
+def worked_solution(row: dict, *, forget_carry: bool = False, conclusion: str = "so", style: str = "columns") -> str:
     """The cold-start response for ``row``: column addition, then the tagged answer.
 
     Each column adds the operands' digits (missing digits omitted) plus the incoming carry,
@@ -140,7 +160,15 @@ def worked_solution(row: dict, *, forget_carry: bool = False, conclusion: str = 
     solution with the classic carry slip, and a wrong answer whenever a carry occurs. Used to
     build an imperfect cold-start set (``cold_start_examples``) whose systematic error GRPO
     then has to remove. ``conclusion`` is the word before the result (``CONCLUSION[lang]``).
+    ``style="running"`` gives :func:`running_solution` instead (ValueError with ``forget_carry``:
+    the sloppy student only does column addition); ValueError for an unknown style.
     """
+    if style not in SOLUTION_STYLES:
+        raise ValueError(f"solution style must be one of {SOLUTION_STYLES}, got {style!r}")
+    if style == "running":
+        if forget_carry:
+            raise ValueError("forget_carry (carry_slip) applies to column solutions only, not style='running'")
+        return running_solution(row, conclusion=conclusion)
     nums = _operands(row["question"])
     width = max(len(str(x)) for x in nums)
     steps = []
@@ -168,6 +196,7 @@ def cold_start_examples(
     triples: float = 0.0,
     seed: int = 0,
     zh_mixing: float = 0.0,
+    style: str = "columns",
 ) -> list[tuple[str, str]]:
     """(prompt, worked solution) pairs for the cold-start SFT.
 
@@ -187,6 +216,7 @@ def cold_start_examples(
             English "so" instead of "所以": the language mixing DeepSeek-R1 saw in its RL, which a
             language-consistency reward then removes. When rows carry instructions (``lang`` set),
             the triples are wrapped in the English instruction too.
+        style: "columns" or "running" (:func:`worked_solution`); the triples follow it too.
 
     Returns:
         the pairs, shuffled when ``triples`` adds rows.
@@ -198,13 +228,14 @@ def cold_start_examples(
         lang = r.get("lang", "en")
         mixed = lang == "zh" and zh_mixing > 0 and rng.random() < zh_mixing
         word = CONCLUSION["en" if mixed else lang]
-        out.append((prompt_format.format(question=r["question"]), worked_solution(r, forget_carry=sloppy, conclusion=word)))
+        out.append((prompt_format.format(question=r["question"]),
+                    worked_solution(r, forget_carry=sloppy, conclusion=word, style=style)))
     n_triples = int(triples * len(rows))
     if n_triples:
         extra = arith_rows(n_triples, seed, 9, "train", num_operands=3)
         if any("lang" in r for r in rows):
             extra = localize(extra, 0.0, seed, "train")
-        out += [(prompt_format.format(question=r["question"]), worked_solution(r)) for r in extra]
+        out += [(prompt_format.format(question=r["question"]), worked_solution(r, style=style)) for r in extra]
         rng.shuffle(out)
     return out
 
@@ -258,7 +289,10 @@ class ArithOptions(BaseModel):
     max_operand: int = Field(99, ge=1, le=10**6, description="Largest operand.")
     min_operand: int = Field(0, ge=0, le=10**6, description="Smallest operand.")
     num_train: int = Field(20000, ge=16, description="Training prompts generated.")
-    num_operands: int = Field(2, ge=2, le=8, description="Operands per question.")
+    num_operands: int = Field(2, ge=2, le=16, description="Operands per question.")
+    solution: Literal["columns", "running"] = Field(
+        "columns", description="Cold start's worked solutions: column addition ('7+8=15,6+4+1=11,so 115') or "
+        "running sums ('12+47=59,59+85=144,so 144'; long responses with many operands, no carry_slip).")
     carry_slip: float = Field(
         0.0, ge=0.0, le=1.0,
         description="Cold start: share of solutions written by a sloppy student who drops carries "
@@ -277,6 +311,8 @@ class ArithOptions(BaseModel):
     def _check(self) -> "ArithOptions":
         if self.min_operand > self.max_operand:
             raise ValueError("min_operand must not exceed max_operand")
+        if self.solution == "running" and self.carry_slip > 0:
+            raise ValueError("carry_slip applies to solution 'columns' only (the sloppy student adds by columns)")
         return self
 
 
@@ -299,7 +335,8 @@ class ArithTask:
     def cold_start(rows: list[dict], options: ArithOptions, seed: int) -> list[tuple[str, str]]:
         """(question, worked solution) pairs: :func:`cold_start_examples` with the options' carry_slip and triples."""
         return cold_start_examples(rows, prompt_format="{question}", carry_slip=options.carry_slip,
-                                   triples=options.triples, seed=seed, zh_mixing=options.zh_mixing)
+                                   triples=options.triples, seed=seed, zh_mixing=options.zh_mixing,
+                                   style=options.solution)
 
     @staticmethod
     def tokenizer_corpus(rows: list[dict]) -> list[str]:

@@ -16,7 +16,9 @@ model, needs none), checks its version, and resubmits the dead engine's unfinish
 same prompts and seeds: a ``generate`` call still returns exactly one group per prompt, in order.
 More than ``max_failures`` deaths in a row (no chunk completed in between) stop the run. An
 exception raised inside a live engine is not retried (it would fail again): it surfaces as
-``ActorFailed`` naming the engine.
+``ActorFailed`` naming the engine. An engine that is alive but wedged (it has unfinished chunks and
+finished none for ``stall_timeout_s``, ``cluster.engine_stall_s``) is treated as dead: killed,
+replaced and its chunks resampled the same way, and it counts as one failure in a row.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ import ray
 
 from troupe.core.rpc import ActorFailed, RemoteTimeout, get_one, wait_all
 from troupe.core.types import Group, Prompt, Sampling
+
+
+class EngineStalled(TimeoutError):
+    """An engine with unfinished generate chunks finished none for ``stall_timeout_s`` (alive but wedged)."""
+
+    def __init__(self, engine: int, stall_s: float) -> None:
+        self.engine, self.stall_s = engine, stall_s
+        super().__init__(f"engine {engine} finished no generate chunk for {stall_s:.0f} s (cluster.engine_stall_s): "
+                         "wedged")
 
 
 class EngineGroup:
@@ -44,18 +55,23 @@ class EngineGroup:
             longest time an engine with unfinished chunks may go without finishing one.
         max_failures: engine deaths in a row (no chunk completed in between) tolerated; one more
             raises ``RuntimeError`` (``cluster.max_engine_failures``).
+        stall_timeout_s: in ``generate``, longest time an engine with unfinished chunks may go without
+            finishing one before it is killed and replaced as wedged (``cluster.engine_stall_s``;
+            None: ``rpc_timeout_s``). Without a factory a stall raises ``EngineStalled``.
         log: where the one line per restart goes.
     Raises:
         ValueError: no engines.
     """
 
     def __init__(self, engines: list, chunks_per_engine: int = 2, *, factory: Optional[Callable[[int], Any]] = None,
-                 rpc_timeout_s: float = 3600.0, max_failures: int = 3, log: Callable[[str], None] = print) -> None:
+                 rpc_timeout_s: float = 3600.0, max_failures: int = 3, log: Callable[[str], None] = print,
+                 stall_timeout_s: Optional[float] = None) -> None:
         if not engines:
             raise ValueError("EngineGroup: no engines")
         self._engines = list(engines)
         self.chunks_per_engine = chunks_per_engine
         self._factory, self.rpc_timeout_s, self.max_failures, self._log = factory, rpc_timeout_s, max_failures, log
+        self.stall_timeout_s = stall_timeout_s if stall_timeout_s is not None else rpc_timeout_s
         self._restarts = 0
         self._failures_in_row = 0
         self._version = 0
@@ -96,12 +112,12 @@ class EngineGroup:
         """
         self._source = (version, load)
 
-    def _replace(self, i: int, err: ActorFailed, restore: bool = True) -> None:
-        """Engine ``i`` died (``err``): kill it, start a replacement, bring it to the current weights.
+    def _replace(self, i: int, err: Exception, restore: bool = True) -> None:
+        """Engine ``i`` died or stalled (``err``): kill it, start a replacement, bring it to the current weights.
 
         ``restore=False`` skips the weights (the call about to be retried loads them itself).
         Raises:
-            ActorFailed: no factory (``err`` itself).
+            ActorFailed / EngineStalled: no factory (``err`` itself).
             RuntimeError: more than ``max_failures`` deaths in a row, or no weights source for the
                 group's version, or the replacement reports another version.
             RemoteTimeout: the replacement did not start / load within ``rpc_timeout_s``.
@@ -191,7 +207,8 @@ class EngineGroup:
             ValueError: ``seeds`` and ``prompts`` differ in length.
             ActorFailed: an exception inside an engine, or an engine died and there is no factory.
             RuntimeError: more than ``max_failures`` engine deaths in a row.
-            RemoteTimeout: an engine with unfinished chunks finished none for ``rpc_timeout_s``.
+            EngineStalled: an engine with unfinished chunks finished none for ``stall_timeout_s`` and
+                there is no factory (with one, it is replaced as if it had died).
         """
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
@@ -229,12 +246,17 @@ class EngineGroup:
         """
         results: dict[int, Any] = {}
         progress = [time.monotonic()] * len(self._engines)  # last time each engine finished (or got) a chunk
+        stall = self.stall_timeout_s
         while inflight:
             busy = {e for _, e, _ in inflight.values()}
-            left = min(progress[e] for e in busy) + self.rpc_timeout_s - time.monotonic()
-            if left <= 0:
-                late = sorted(e for e in busy if progress[e] + self.rpc_timeout_s <= time.monotonic())
-                raise RemoteTimeout("a generate chunk", [f"engine {e}" for e in late], self.rpc_timeout_s)
+            left = min(progress[e] for e in busy) + stall - time.monotonic()
+            if left <= 0:  # wedged engines: alive, but no chunk back for `stall` seconds
+                for e in sorted(e for e in busy if progress[e] + stall <= time.monotonic()):
+                    wedged = self._engines[e]
+                    self._replace(e, EngineStalled(e, stall))
+                    self._resubmit_unfinished(chunks, inflight, e, wedged)
+                    progress[e] = time.monotonic()
+                continue
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=min(left, 60.0), fetch_local=False)
             if not done:
                 continue

@@ -257,3 +257,25 @@ def test_instruction_rows_in_two_languages_and_mixed_cold_start():
     # without zh_share, questions stay bare additions (the demo is unchanged)
     plain, _ = ArithTask.rows(ArithOptions(num_train=16), 0, 4)
     assert all("lang" not in r and "+" in r["question"] and " " not in r["question"] for r in plain)
+
+
+def test_running_solution_long_responses():
+    """solution: running (the long-response task): left-to-right partial sums, one step per operand,
+    through the options, the cold start and the accuracy reward; carry_slip is refused with it."""
+    from troupe.demo.arith import ArithOptions, running_solution
+
+    assert running_solution({"question": "12+47+85"}) == "<think>12+47=59,59+85=144,so 144</think><answer>144</answer>"
+    assert worked_solution({"question": "12+47+85"}, style="running") == running_solution({"question": "12+47+85"})
+    with pytest.raises(ValueError, match="column solutions only"):
+        worked_solution({"question": "12+47"}, style="running", forget_carry=True)
+    with pytest.raises(ValueError, match="solution style"):
+        worked_solution({"question": "12+47"}, style="diagonal")
+    with pytest.raises(ValueError, match="carry_slip"):
+        ArithOptions(solution="running", carry_slip=0.5)
+    opts = ArithOptions(min_operand=10, max_operand=99, num_operands=12, num_train=64, solution="running")
+    train, held = ArithTask.rows(opts, 0, 8)
+    pairs = ArithTask.cold_start(train, opts, 0)
+    assert len(pairs) == 64
+    for (q, c), row in zip(pairs, train):
+        assert q == row["question"] and c.count("+") == 11 and c.count("=") == 11
+        assert arith_reward(c, answer=row["answer"]) == 1.0

@@ -9,6 +9,8 @@ bfloat16 5e-2 (measured 0.019 max, 0.007 mean over 8 sequences of 24 sampled tok
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,23 @@ class _KillOnFirstSubmit:
         return ref
 
 
+class _StopOnFirstSubmit:
+    """Like ``_KillOnFirstSubmit``, but the engine is frozen with SIGSTOP (alive, wedged) instead of killed:
+    ``victim(groups) -> engine index``, ``pids`` the engines' process ids."""
+
+    def __init__(self, victim, pids):
+        self.victim, self.pids, self.stopped = victim, pids, None
+
+    def submit(self, groups):
+        if self.stopped is None:
+            self.stopped = self.victim(groups)
+            os.kill(self.pids[self.stopped], signal.SIGSTOP)
+        return groups
+
+    def get(self, ref):
+        return ref
+
+
 def _ids(groups):
     return [[s.response_ids for s in g.samples] for g in groups]
 
@@ -179,7 +198,8 @@ def test_seeded_sampling_is_engine_independent(ray_local, model_dir):
 @pytest.mark.ray
 def test_engine_death_mid_generate_is_replaced(ray_local, model_dir, tmp_path):
     """Engine killed while it has unfinished chunks: replaced in its bundle with the current weights
-    (v1), its chunks resampled with the same seeds; one group per prompt, in order."""
+    (v1), its chunks resampled with the same seeds; one group per prompt, in order. Then an engine
+    frozen with SIGSTOP (wedged, not dead) is replaced the same way after ``stall_timeout_s``."""
     from safetensors.torch import load_file, save_file
 
     from troupe.core.types import Sampling
@@ -217,6 +237,19 @@ def test_engine_death_mid_generate_is_replaced(ray_local, model_dir, tmp_path):
         assert ray.get(after[dead].get_version.remote()) == 1 and group.versions() == [1, 1]
         lps = group.sequence_logprobs(probe, len(prompts[0].token_ids))
         assert lps[dead] == pytest.approx(lps[1 - dead], abs=1e-6) and lps[dead] == pytest.approx(lp_v1, abs=1e-6)
+
+        # a wedged engine (alive, SIGSTOPped: no chunk back for stall_timeout_s) is killed and replaced the same way
+        group.stall_timeout_s = 8.0
+        before = group.handles
+        pids = [ray.get(h.__ray_call__.remote(lambda self: os.getpid())) for h in before]
+        stop = _StopOnFirstSubmit(lambda gs: 1 - chunk_of[gs[0].prompt.uid] % 2, pids)
+        out, t = group.generate(prompts, sp, rewards=stop, seeds=seeds)
+        assert stop.stopped is not None and _ids(out) == _ids(reference)
+        assert t["engine_restarts"] == 1 and group.restarts == 2
+        assert f"engine {stop.stopped} restarted" in logs[-1] and "wedged" in logs[-1] and "engine_stall_s" in logs[-1], logs
+        after = group.handles
+        assert after[stop.stopped] is not before[stop.stopped] and after[1 - stop.stopped] is before[1 - stop.stopped]
+        assert group.versions() == [1, 1]
     finally:
         eng.close(group)
 
