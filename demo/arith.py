@@ -137,8 +137,9 @@ def running_solution(row: dict, *, conclusion: str = "so") -> str:
 
     For ``12+47+85``: ``<think>12+47=59,59+85=144,so 144</think><answer>144</answer>``. With
     many operands this is a long response made of easy steps (a two-digit number added to the
-    partial sum), the long-response task of ``configs/arith_long_cpu.yaml``: ``n`` operands of
-    two digits give about ``10 * n`` response tokens with the demo's digit-by-digit tokenizer.
+    partial sum): ``n`` operands of two digits give about ``12 * n`` response tokens with the demo's
+    digit-by-digit tokenizer. Tried for the long pipelining bench: a 22M model after 300 SFT steps
+    still got the partial sums wrong (README "Speed").
     """
     nums = _operands(row["question"])
     steps, total = [], nums[0]
