@@ -137,8 +137,8 @@ def running_solution(row: dict, *, conclusion: str = "so") -> str:
 
     For ``12+47+85``: ``<think>12+47=59,59+85=144,so 144</think><answer>144</answer>``. With
     many operands this is a long response made of easy steps (a two-digit number added to the
-    partial sum): ``n`` operands of two digits give about ``12 * n`` response tokens with the demo's
-    digit-by-digit tokenizer. Tried for the long pipelining bench: a 22M model after 300 SFT steps
+    partial sum): ``n`` operands of two digits give about ``11 * n`` response tokens with the demo's
+    digit-by-digit tokenizer (128-132 for 12 operands). Tried for the long pipelining bench: a 22M model after 300 SFT steps
     still got the partial sums wrong (README "Speed").
     """
     nums = _operands(row["question"])
@@ -291,7 +291,7 @@ class ArithOptions(BaseModel):
     min_operand: int = Field(0, ge=0, le=10**6, description="Smallest operand.")
     num_train: int = Field(20000, ge=16, description="Training prompts generated.")
     num_operands: int = Field(2, ge=2, le=16, description="Operands per question.")
-    solution: Literal["columns", "running"] = Field(
+    solution: Literal[SOLUTION_STYLES] = Field(
         "columns", description="Cold start's worked solutions: column addition ('7+8=15,6+4+1=11,so 115') or "
         "running sums ('12+47=59,59+85=144,so 144'; long responses with many operands, no carry_slip).")
     carry_slip: float = Field(

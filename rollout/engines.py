@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import ray
 
-from troupe.core.rpc import ActorFailed, RemoteTimeout, get_one, wait_all
+from troupe.core.rpc import ActorFailed, get_one, wait_all
 from troupe.core.types import Group, Prompt, Sampling
 
 
@@ -51,8 +51,8 @@ class EngineGroup:
             overlap generation).
         factory: ``factory(i) -> handle`` starts a replacement for engine ``i`` (same actor options
             and placement-group bundle); None: an engine death raises ``ActorFailed``.
-        rpc_timeout_s: longest wait for one remote call (``cluster.rpc_timeout_s``); in ``generate``:
-            longest time an engine with unfinished chunks may go without finishing one.
+        rpc_timeout_s: longest wait for one remote call (``cluster.rpc_timeout_s``); also the default
+            of ``stall_timeout_s``.
         max_failures: engine deaths in a row (no chunk completed in between) tolerated; one more
             raises ``RuntimeError`` (``cluster.max_engine_failures``).
         stall_timeout_s: in ``generate``, longest time an engine with unfinished chunks may go without

@@ -13,10 +13,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from troupe.demo.arith import worked_solution, _operands
+from troupe.demo.arith import _operands, worked_solution  # noqa: E402
 
-def corrupt(q, rng):
-    nums = _operands(q)
+
+def corrupt(question: str, rng: random.Random):
+    """A column worked solution of ``question`` with one seeded corruption carried through, or None
+    when the corruption happens to leave the answer right (the caller draws again)."""
+    nums = _operands(question)
     width = max(len(str(x)) for x in nums)
     kind = rng.choice(["sum", "operand", "answer"])
     bad_col = rng.randrange(width)
@@ -24,14 +27,16 @@ def corrupt(q, rng):
     for col in range(width):
         terms = [int(str(x)[::-1][col]) for x in nums if col < len(str(x))]
         if kind == "operand" and col == bad_col:
-            i = rng.randrange(len(terms)); terms[i] = (terms[i] + rng.randint(1, 9)) % 10
+            i = rng.randrange(len(terms))
+            terms[i] = (terms[i] + rng.randint(1, 9)) % 10
         if carry:
             terms.append(carry)
         s = sum(terms)
         if kind == "sum" and col == bad_col:
             s = max(0, s + rng.choice([-2, -1, 1, 2]))
         steps.append("+".join(map(str, terms)) + f"={s}" if len(terms) > 1 else f"{terms[0]}={s}")
-        digits.append(s % 10); carry = s // 10
+        digits.append(s % 10)
+        carry = s // 10
     result = int((str(carry) if carry else "") + "".join(str(d) for d in reversed(digits)))
     ans = result
     if kind == "answer":
@@ -41,20 +46,28 @@ def corrupt(q, rng):
         return None
     return f"<think>{','.join(steps)},so {result}</think><answer>{ans}</answer>"
 
-if len(sys.argv) != 4:
-    raise SystemExit(__doc__)
-rng = random.Random(0)
-src = [json.loads(l) for l in open(sys.argv[1])]
-out = []
-for r in src:
-    for _ in range(int(sys.argv[3])):
-        bad = None
-        while bad is None:
-            bad = corrupt(r["question"], rng)
-        out.append({**r, "chosen": worked_solution({"question": r["question"]}), "rejected": bad,
-                    "chosen_reward": 1.0, "rejected_reward": 0.0})
-rows = src + out
-rng.shuffle(rows)
-with open(sys.argv[2], "w") as f:
-    for r in rows: f.write(json.dumps(r) + "\n")
-print(len(src), "sampled +", len(out), "augmented")
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 3:
+        raise SystemExit(__doc__)
+    src_path, out_path, k = argv[0], argv[1], int(argv[2])
+    rng = random.Random(0)
+    with open(src_path) as f:
+        src = [json.loads(line) for line in f]
+    out = []
+    for r in src:
+        for _ in range(k):
+            bad = None
+            while bad is None:
+                bad = corrupt(r["question"], rng)
+            out.append({**r, "chosen": worked_solution({"question": r["question"]}), "rejected": bad,
+                        "chosen_reward": 1.0, "rejected_reward": 0.0})
+    rows = src + out
+    rng.shuffle(rows)
+    with open(out_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(len(src), "sampled +", len(out), "augmented")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
