@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--time-budget", type=float, default=None, help="time_budget_s of every GRPO run (s)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="run every bound once per seed (config `seed`), all from the same cold start; the table then "
+                    "adds the spread of the held-out gain per bound")
     ap.add_argument("--name", default="demo")
     ap.add_argument("--out", default=None, help="results file (default bench/results/pipeline_<name>.md)")
     ap.add_argument("--keep", default=None, help="keep the runs in this folder (default: a temporary one)")
@@ -114,12 +117,15 @@ def main(argv: list[str] | None = None) -> int:
             model = None
         print(f"cold start: {sft_s:.0f} s -> {model}", flush=True)
     rows = []
-    for n in args.staleness:
-        extra = [f"rollout.max_staleness={n}"] + ([f"model.path={model}", "sft.enabled=false"] if model else [])
-        run_dir, wall = _train(args.config, root, f"staleness{n}", common + extra)
-        row = {"n": n, **summarize(run_dir), "process": wall}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for seed in args.seeds or [None]:
+        for n in args.staleness:
+            extra = [f"rollout.max_staleness={n}"] + ([f"model.path={model}", "sft.enabled=false"] if model else [])
+            extra += [f"seed={seed}"] if seed is not None else []
+            name = f"staleness{n}" + (f"_seed{seed}" if seed is not None else "")
+            run_dir, wall = _train(args.config, root, name, common + extra)
+            row = {"n": n, "seed": seed, **summarize(run_dir), "process": wall}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
     cmd = "python bench/bench_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# Synchronous vs pipelined GRPO: {args.name}", "",
@@ -129,13 +135,20 @@ def main(argv: list[str] | None = None) -> int:
              + (f"{sft_s:.0f} s to make" if sft_s is not None else f"`--init {args.init}`") + "). Times are means over "
              "the steps after the first, in seconds; rollout = generate + reward wait; step / max = step time over "
              "max(rollout, learn) measured in the same run.", "",
-             "| max_staleness | ratio's old policy (algo.old_logp) | steps | step s | rollout s | learn s | sync s | step / max(rollout, learn) | learner idle s "
+             "| max_staleness | seed | ratio's old policy (algo.old_logp) | steps | step s | rollout s | learn s | sync s | step / max(rollout, learn) | learner idle s "
              "| engine idle s | mean staleness | held-out acc start -> final | sampled acc (last 3 steps) | GRPO wall s |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['n']} | {r['old_logp']} | {r['steps']} | {r['step']:.2f} | {r['rollout']:.2f} | {r['learn']:.2f} | {r['sync']:.2f} "
+        lines.append(f"| {r['n']} | {r['seed'] if r['seed'] is not None else '-'} | {r['old_logp']} | {r['steps']} | {r['step']:.2f} | {r['rollout']:.2f} | {r['learn']:.2f} | {r['sync']:.2f} "
                      f"| {r['ratio']:.2f}x | {r['learner_idle']:.2f} | {r['engine_idle']:.2f} | {r['staleness']:.2f} "
                      f"| {r['acc_start']:.3f} -> {r['acc_final']:.3f} | {r['train_acc_last']:.3f} | {r['grpo_wall']:.0f} |")
+    if args.seeds:
+        lines += ["", "Held-out gain (final - start) per bound over the seeds:", "",
+                  "| max_staleness | seeds | gain min | gain mean | gain max | runs with gain >= 0.05 |", "|---:|---:|---:|---:|---:|---:|"]
+        for n in args.staleness:
+            gains = [r["acc_final"] - r["acc_start"] for r in rows if r["n"] == n]
+            lines.append(f"| {n} | {len(gains)} | {min(gains):+.3f} | {_mean(gains):+.3f} | {max(gains):+.3f} "
+                         f"| {sum(g >= 0.05 for g in gains)} of {len(gains)} |")
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(lines) + "\n")
     print(f"wrote {out_md}")
