@@ -59,6 +59,12 @@ def loss_rtol(n_tokens: int, step: int, grad_norm: float, n_params: int, weight_
     return rtol
 
 
+def policy_loss_atol(n_tokens: int, max_abs_advantage: float, max_weight: float = 1.0) -> float:
+    """Absolute bound on a one-step GRPO loss (token mean of ``A_t * rho_t * w_t``, signed terms) summed in two
+    orders: ``2 gamma(n) * max|A| * max(rho * w)``; on-policy rho = 1, w <= the TIS cap."""
+    return 2 * gamma(n_tokens) * max_abs_advantage * max_weight
+
+
 def grad_norm_rtol(n_tokens: int, n_params: int) -> float:
     """Relative bound on the global gradient norm of two split-equivalent runs (one step): every gradient
     element within ``2 gamma(n_tokens)`` (relative), the sum of n_params squares within ``2 gamma(n_params)``;
