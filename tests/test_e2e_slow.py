@@ -59,6 +59,7 @@ def test_arith_grpo_two_ranks(tmp_path, stage):
     assert [r["policy_version"] for r in steps] == [1, 2, 3]
     assert summary["policy_version"] == 3
     assert all(r["sync_strategy"] == ("shm" if stage == 2 else "object_store") for r in steps)
+    assert all("staleness/mean" not in r for r in steps)  # the synchronous loop: every group on-policy
     # the policy changed: the learner's update was non-zero and moved what the engines sample
     assert all(r["grad_norm"] > 0 for r in steps)
     assert any(abs(r["approx_kl_old"]) > 0 or r["kl_ref"] > 0 for r in steps[1:])
