@@ -137,10 +137,10 @@ class TrainBatch:
         truncated: [B] bool. Response hit max_new_tokens without EOS.
         response_lengths: [B] long. Response tokens per sample (masked or not), for length shaping.
         prompt_len: P, the padded prompt width.
-        step_rewards: process supervision only (else None): B lists, step_rewards[i][j] = reward
+        step_rewards: process supervision only (else None): B lists, ``step_rewards[i][j]`` = reward
             of reasoning step j of sample i (NaN = unscored step); [] for an excluded or empty
             sample.
-        step_ends: process supervision only: B lists of the same lengths, step_ends[i][j] in
+        step_ends: process supervision only: B lists of the same lengths, ``step_ends[i][j]`` in
             [0, T) = index of the last response token of step j, non-decreasing.
     """
 

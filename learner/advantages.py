@@ -214,7 +214,7 @@ def compute_advantages(inp: AdvantageInputs, cfg: AdvantageConfig) -> Tensor:
 
     Raises:
         ValueError: unknown estimator (the message lists the registered ones), or the estimator's
-        own errors (B not divisible by G, bad shapes, inf rewards, ...).
+            own errors (B not divisible by G, bad shapes, inf rewards, ...).
     """
     return advantage_fn(cfg.name)(inp, cfg)
 

@@ -40,6 +40,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("rejection")
     cfg = load_config(REPO / "configs" / "arith_cpu.yaml", DEMO)
     model, info = prepare_model(cfg, root, load_task(cfg)[0], log=lambda s: None)
+    # seeds 0-4: last / first 0.0034-0.0053 (docs/results/test_margins.md), the bound 0.2 is 38x above
     assert info["sft"]["loss_last"] < 0.2 * info["sft"]["loss_first"]
     (root / "general.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in GENERAL))
     return root, model

@@ -86,6 +86,7 @@ def test_rm_train_learns_and_two_ranks_equal_one(tmp_path, ray_local):
 
     ev = one["epochs"]
     assert ev[0]["eval/pairs"] == 16
+    # seeds 0-4 all reached 1.0 held-out pairwise accuracy (docs/results/test_margins.md); 16 held-out pairs
     assert ev[-1]["eval/accuracy"] >= 0.9 and ev[-1]["eval/margin"] > ev[0]["eval/margin"]
     assert s1[-1]["loss"] < s1[0]["loss"]
     scorer = RewardModelScorer(one["model"], normalize=True)

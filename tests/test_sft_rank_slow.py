@@ -106,6 +106,7 @@ def test_zero3_memorises_and_saved_folder_loads_in_transformers_and_vllm(tmp_pat
     res = train_sft(_config(model, 2, 2, 3, steps=60, batch=4, lr=1e-2), model, FACTS, out, log=lines.append,
                     log_every=20)
     print(res)
+    # seeds 0-4 ended at 0.0030-0.0126 (docs/results/test_margins.md): the bound has a 4x margin
     assert res["loss_last"] < 0.05 < res["loss_first"], res
     assert any(line.startswith("sft step 60/60 loss") for line in lines), lines
 
