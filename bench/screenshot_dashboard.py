@@ -1,4 +1,4 @@
-"""Full-page screenshot of troupe's run dashboard for a run folder (e.g. for the README).
+"""Full-page screenshot of troupe's run dashboard for a run folder (e.g. for docs/watching.md).
 
     python bench/screenshot_dashboard.py runs/arith_cpu docs/dashboard.png [--width 1400] [--chromium PATH]
 

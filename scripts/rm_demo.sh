@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The reward-model demo (README, "Reward models"): GRPO whose only reward is a learned reward model.
+# The reward-model demo (docs/results.md, "GRPO on a learned reward model only"): GRPO whose only reward is a learned reward model.
 #   1. cold-start SFT policy (the demo's, no GRPO steps)
 #   2. preference pairs from its own samples: verifier-correct chosen, incorrect rejected, same prompt
 #   3. a Bradley-Terry reward model on those pairs (held-out pairwise accuracy per epoch)

@@ -1,4 +1,4 @@
-"""Hard negatives for the arithmetic reward model (README "Reward models", fifth try).
+"""Hard negatives for the arithmetic reward model (docs/results.md, "Earlier tries").
 
 For every pair of a `troupe rm pairs` file, K more pairs of the same prompt: the correct column
 worked solution (chosen) against a copy with one corrupted column carried through consistently

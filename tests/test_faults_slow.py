@@ -2,7 +2,7 @@
 
 Every run is a real ``troupe train``: in a subprocess where the test has to signal or kill the
 driver or one of its actor processes (found among the driver's descendants by their Ray process
-title, e.g. ``ray::RolloutEngine``), in-process otherwise. What each test shows is in the README's
+title, e.g. ``ray::RolloutEngine``), in-process otherwise. What each test shows is in docs/faults.md's
 fault table.
 """
 
