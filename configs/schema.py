@@ -138,11 +138,22 @@ class RolloutConfig(_Strict):
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     num_cpus_per_engine: float = Field(1.0, ge=0.0, description="Ray CPUs reserved per engine.")
-    num_gpus_per_engine: float = Field(0.0, ge=0.0, description="Ray GPUs per engine (tensor parallel = this when >= 1).")
+    num_gpus_per_engine: float = Field(0.0, ge=0.0, description="Ray GPUs per engine: 0 (CPU) or a whole number, "
+                                       "the engine's tensor-parallel size (fractions are refused: two vLLM engines "
+                                       "on one GPU fail vLLM's memory check).")
     kv_cache_gib: float = Field(1.0, gt=0.0, description="CPU only: VLLM_CPU_KVCACHE_SPACE in GiB.")
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="GPU only: vLLM memory share.")
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation (faster start).")
     max_model_len: int = Field(512, ge=16, le=1048576, description="vLLM max_model_len (prompt + response).")
+    @field_validator("num_gpus_per_engine")
+    @classmethod
+    def _whole_gpus(cls, v: float) -> float:
+        if v != int(v):
+            raise ValueError(f"{v} is not a whole number of GPUs: an engine is one vLLM instance over "
+                             "tensor_parallel_size = this many GPUs, and two engines sharing a GPU fail vLLM's "
+                             "memory check (use 1, or fewer engines)")
+        return v
+
     max_staleness: int = Field(
         0, ge=0, le=64,
         description="Pipelined generation: the engines sample up to this many steps ahead of the learner, so a group "
@@ -376,7 +387,17 @@ class LearnerConfig(_Strict):
                                    "of a separate no-grad forward over the batch. false: always run that forward "
                                    "(same update).")
     num_cpus_per_rank: float = Field(0.5, ge=0.0, description="Ray CPUs per learner rank.")
-    num_gpus_per_rank: float = Field(0.0, ge=0.0, description="Ray GPUs per learner rank (1 on GPU clusters).")
+    num_gpus_per_rank: float = Field(0.0, ge=0.0, le=1.0, description="Ray GPUs per learner rank: 0 (CPU) or 1 "
+                                     "(a rank is one NCCL rank on one device; two ranks on one GPU fail at NCCL init).")
+
+    @field_validator("num_gpus_per_rank")
+    @classmethod
+    def _one_gpu(cls, v: float) -> float:
+        if v not in (0.0, 1.0):
+            raise ValueError(f"{v}: a learner rank takes 0 GPUs (CPU) or 1 (one NCCL rank per device; two ranks "
+                             "sharing a GPU fail at NCCL init)")
+        return v
+
     torch_threads: int = Field(1, ge=1, le=256, description="CPU only: torch threads per rank.")
 
 

@@ -94,14 +94,22 @@ def replay_adam_step_product(optimizer) -> int:
 
 
 def _ds_config(*, zero_stage: int, micro: int, gas: int, world: int, lr: float, weight_decay: float,
-               betas: tuple[float, float], grad_clip: float, dtype: str) -> dict:
+               betas: tuple[float, float], grad_clip: float, dtype: str, device: str = "cpu") -> dict:
+    """The DeepSpeed config of a rank. On GPU the optimizer is torch's AdamW (``torch_adam``): DeepSpeed's
+    wheel ships no prebuilt CUDA ops, so its FusedAdam would be JIT-built with nvcc by every rank at start-up
+    (CUDA_HOME and an nvcc matching torch's CUDA needed, all ranks building at once); torch's AdamW needs no
+    build and keeps beta**t per step (nothing to replay on resume). On CPU DeepSpeed's CPU Adam, built once by
+    ``make setup`` (core/ds_ops.py); ``replay_adam_step_product`` keeps its resume bit-exact."""
+    params = {"lr": lr, "weight_decay": weight_decay, "betas": list(betas)}
+    if device == "gpu":
+        params["torch_adam"] = True
     cfg = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
         "train_batch_size": micro * gas * world,
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": zero_stage},
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "betas": list(betas)}},
+        "optimizer": {"type": "AdamW", "params": params},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -143,7 +151,7 @@ class ZeroRank:
 
         for lock in clear_stale_locks():  # left by a build killed mid-way: torch would wait on it forever
             print(f"learner rank {rank}: removed a stale DeepSpeed build lock {lock}", flush=True)
-        self.rank, self.world = rank, world_size
+        self.rank, self.world, self.device = rank, world_size, device
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
         torch.manual_seed(seed)
         self.zero_stage = 0
@@ -157,7 +165,8 @@ class ZeroRank:
 
         self.zero_stage = lc.zero_stage
         ds_cfg = _ds_config(zero_stage=lc.zero_stage, micro=micro, gas=gas, world=self.world, lr=lc.lr,
-                            weight_decay=lc.weight_decay, betas=tuple(lc.betas), grad_clip=lc.grad_clip, dtype=dtype)
+                            weight_decay=lc.weight_decay, betas=tuple(lc.betas), grad_clip=lc.grad_clip, dtype=dtype,
+                            device=self.device)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
 
     def _begin_micro_step(self) -> None:

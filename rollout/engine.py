@@ -101,6 +101,42 @@ class WeightReloadExtension:
         return {**{k: os.environ.get(k) for k in THREAD_VARS}, "torch_threads": torch.get_num_threads()}
 
 
+def engine_kwargs(model_path: str, rollout: RolloutConfig, *, dtype: str, seed: int, device: str) -> dict:
+    """The keyword arguments of ``vllm.LLM`` for one engine (pure: a CPU test checks the GPU ones).
+
+    On GPU, ``tensor_parallel_size`` = ``rollout.num_gpus_per_engine`` (a whole number, checked by the
+    schema). With TP > 1 the engine uses vLLM's multiprocessing executor inside its actor, as OpenRLHF and
+    veRL do: left to choose, vLLM picks its Ray executor inside troupe's placement group, which refuses a
+    bundle with more than one GPU (vllm/v1/executor/ray_utils.py), and with 1-GPU bundles its workers would
+    wait for GPUs the engine actor already holds. The actor holds TP GPUs (its bundle), so the worker
+    processes see them through CUDA_VISIBLE_DEVICES. Not yet run on a GPU (docs/gpu.md).
+    """
+    kw = dict(
+        model=model_path,
+        dtype=dtype,
+        max_model_len=rollout.max_model_len,
+        seed=seed,
+        enforce_eager=rollout.enforce_eager,
+        logprobs_mode="processed_logprobs",
+        worker_extension_cls="troupe.rollout.engine.WeightReloadExtension",
+        enable_prefix_caching=True,
+    )
+    if device == "cpu":
+        # per-prompt seeds give each request a torch.Generator; when a prompt's prefill is split
+        # (chunked prefill), vLLM 0.32 rewinds that generator with set_offset, which CPU generators
+        # lack ("CPU Generator does not use offset"): prefill every prompt whole on CPU
+        kw.update(enable_chunked_prefill=False)
+    if device == "gpu":
+        tp = max(1, int(rollout.num_gpus_per_engine))
+        # vLLM's NCCL weight-transfer engine (the vllm_nccl sync strategy); inert until
+        # init_weight_transfer is called
+        kw.update(gpu_memory_utilization=rollout.gpu_memory_utilization, tensor_parallel_size=tp,
+                  weight_transfer_config={"backend": "nccl"})
+        if tp > 1:
+            kw.update(distributed_executor_backend="mp")
+    return kw
+
+
 class RolloutEngine:
     """One vLLM engine (an actor under Ray): sampling, greedy evaluation, weight reload.
 
@@ -119,27 +155,7 @@ class RolloutEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(rollout.kv_cache_gib)))))
         from vllm import LLM
 
-        kw = dict(
-            model=model_path,
-            dtype=dtype,
-            max_model_len=rollout.max_model_len,
-            seed=seed,
-            enforce_eager=rollout.enforce_eager,
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls="troupe.rollout.engine.WeightReloadExtension",
-            enable_prefix_caching=True,
-        )
-        if device == "cpu":
-            # per-prompt seeds give each request a torch.Generator; when a prompt's prefill is split
-            # (chunked prefill), vLLM 0.32 rewinds that generator with set_offset, which CPU generators
-            # lack ("CPU Generator does not use offset"): prefill every prompt whole on CPU
-            kw.update(enable_chunked_prefill=False)
-        if device == "gpu":
-            # vLLM's NCCL weight-transfer engine (the vllm_nccl sync strategy); inert until
-            # init_weight_transfer is called
-            kw.update(gpu_memory_utilization=rollout.gpu_memory_utilization,
-                      tensor_parallel_size=max(1, int(rollout.num_gpus_per_engine)),
-                      weight_transfer_config={"backend": "nccl"})
+        kw = engine_kwargs(model_path, rollout, dtype=dtype, seed=seed, device=device)
         t0 = time.time()
         self.llm = LLM(**kw)
         self.start_seconds = time.time() - t0
