@@ -114,6 +114,8 @@ def _variants(lines: list[str]) -> None:
                   f"`{title}: NAME` takes the variant's defaults; `{title}: {{name: NAME, field: value}}` sets fields.", ""]
         for name in registry.names():
             cls = registry.config_class(name)
+            if not cls.__module__.startswith("troupe."):  # one registered by a plugin or a test, not built in
+                continue
             doc = _cell((cls.__doc__ or "").strip().split("\n\n")[0])
             lines += [f"### `{name}`", "", doc, ""]
             fields = {k: f for k, f in cls.model_fields.items() if k != "name"}
