@@ -188,7 +188,7 @@ def _vllm(model: str, points: list[tuple[int, int]], prompts, repeats: int, thre
         results["troupe unseeded"] = {(n, new): _best(lambda: troupe(n, new, False), repeats) for n, new in points}
         results["vllm call"] = {(n, new): _best(lambda: plain(engine.llm, n, new), repeats) for n, new in points}
         _free(engine.llm)
-        del engine
+        engine = None  # drop the last reference: the engine and its memory go before the next one starts
         if defaults:
             for k in THREAD_VARS_CLEARED:
                 os.environ.pop(k, None)

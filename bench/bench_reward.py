@@ -32,10 +32,10 @@ from pathlib import Path
 import ray
 
 from troupe.configs.schema import RewardConfig, RewardFunctionConfig
+from troupe.core.types import Group, Prompt, Sample
 from troupe.reward.pool import RewardPool
 from troupe.reward.scoring import RewardSet
 from troupe.rollout.data import load_preset
-from troupe.core.types import Group, Prompt, Sample
 
 GROUP_SIZE = 8
 BATCH_GROUPS = 32  # groups per submitted batch (256 samples)

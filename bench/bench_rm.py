@@ -28,9 +28,9 @@ BATCH_SIZES = (1, 4, 16, 64, 256)
 
 
 def _texts(n: int) -> tuple[list[str], list[str]]:
-    from troupe.demo.arith import worked_solution
-
     import random
+
+    from troupe.demo.arith import worked_solution
 
     rng = random.Random(0)
     prompts, completions = [], []

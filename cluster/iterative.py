@@ -192,9 +192,10 @@ class IterativeRewardModel:
         self._trainer: Any = None
 
     def _load_data(self) -> list[Pair]:
+        from transformers import AutoTokenizer
+
         from troupe.cluster.rm_train import _texts
         from troupe.rollout.preferences import load_pairs
-        from transformers import AutoTokenizer
 
         return [(c, r, None) for c, r, _ in _texts(load_pairs(self.it.data), AutoTokenizer.from_pretrained(self.original))]
 

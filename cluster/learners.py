@@ -20,7 +20,6 @@ from troupe.core.rpc import wait_all
 from troupe.core.types import TrainBatch
 from troupe.core.weights import WeightBucket
 
-
 INLINE_BATCH_BYTES = 64 * 1024
 """Tensor bytes of a ``TrainBatch`` up to which ``LearnerGroup.train_step`` passes it by value (pickled
 under Ray's 100 KiB inline limit, ``RAY_max_direct_call_object_size``) instead of putting it in the object store."""

@@ -103,7 +103,6 @@ def train_reward_model(cfg: RewardModelTrainConfig, address: Optional[str] = Non
         troupe.rollout.data.DataError: a bad pair (file:line) or too few pairs.
         troupe.core.rpc.ActorFailed / RemoteTimeout: a rank died or hung (names it).
     """
-    import ray
     from ray.util.placement_group import remove_placement_group
     from transformers import AutoTokenizer
 

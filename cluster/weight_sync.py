@@ -66,6 +66,7 @@ from troupe.cluster.learners import LearnerGroup
 from troupe.core.weights import WeightBucket, layout_bytes, tensor_views, write_bucket, write_partitions
 from troupe.rollout.engines import EngineGroup
 
+
 class SyncStrategy(ABC):
     """A transport for weight buckets: from learner rank 0 (the sink) into the engines (a load call).
 

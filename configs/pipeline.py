@@ -43,8 +43,15 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from troupe.configs.schema import (ConfigError, RewardModelTrainConfig, RunConfig, _format_errors, _resolve_file,
-                                   apply_overrides, read_yaml_mapping)
+from troupe.configs.schema import (
+    ConfigError,
+    RewardModelTrainConfig,
+    RunConfig,
+    _format_errors,
+    _resolve_file,
+    apply_overrides,
+    read_yaml_mapping,
+)
 
 __all__ = ["KINDS", "POLICY_KINDS", "PipelineConfig", "Stage", "is_pipeline", "load_pipeline", "stage_dir"]
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from troupe.configs.schema import AlgoConfig
 from troupe.core.types import Group, TrainBatch
 from troupe.learner.advantages import add_to_last_step, compute_advantages, group_stats, informative, overlong_penalty
-from troupe.learner.losses import LossNorm, sequence_kl
+from troupe.learner.losses import LossNorm
 from troupe.learner.registry import AdvantageInputs
 
 

@@ -70,14 +70,24 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import math
 import numbers
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
-    TYPE_CHECKING, Any, Callable, Collection, Iterable, Literal, Mapping, NamedTuple, Optional, Sequence, Union,
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Collection,
+    Iterable,
+    Literal,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Union,
 )
 
 from troupe.core.steps import step_texts

@@ -22,7 +22,6 @@ from troupe.learner import grpo
 from troupe.learner.batch import collate_groups
 from troupe.learner.step import step_advantages
 
-
 # ---- the made-up variants: one config class + one function each --------------------------------
 
 

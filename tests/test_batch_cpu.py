@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from troupe.core.types import Group, Prompt, Sample
 from troupe.learner.batch import collate_groups, response_logprobs
 from troupe.learner.losses import LossNorm
 from troupe.learner.step import minibatch_norms
-from troupe.core.types import Group, Prompt, Sample
 
 
 def _group(prompt_ids, responses, rewards, truncated=None):

@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from troupe.learner.tiny_model import build_tiny_model
     from troupe.demo import arith
+    from troupe.learner.tiny_model import build_tiny_model
 
     rows = arith.arith_rows(200, 0, 99, "train")
     corpus = [arith.PROMPT_FORMAT.format(question=r["question"]) for r in rows] + [arith.worked_solution(r) for r in rows]
@@ -38,9 +38,9 @@ def test_reload_then_logprobs_match_reference(ray_local, model_dir, tmp_path, dt
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from troupe.demo import arith
     from troupe.configs.schema import RolloutConfig
     from troupe.core.types import Sampling
+    from troupe.demo import arith
     from troupe.rollout.engine import RolloutEngine
     from troupe.rollout.prompts import build_prompts
 

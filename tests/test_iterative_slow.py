@@ -60,6 +60,7 @@ def _scores_of_each_actor(ray, pool, g: Group) -> list[list[float]]:
 
 def test_refresh_reaches_every_reward_model_actor(ray_local, rm_dir, other_rm):
     from fault_plugins import wait_until_dead
+
     from troupe.reward.router import RewardRouter
 
     ray = ray_local

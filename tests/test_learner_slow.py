@@ -28,14 +28,15 @@ def _port() -> int:
 def test_loss_and_grad_norm_invariant_to_ranks_and_micro_batches(tmp_path, loss_agg, ray_local):
     from pathlib import Path
 
+    from safetensors.torch import load_file
+    from tolerances import grad_norm_rtol, policy_loss_atol, reduction_terms
+
     from troupe.cluster.learners import LearnerGroup
     from troupe.configs.schema import load_config
     from troupe.core.types import Group, Prompt, Sample
     from troupe.learner.batch import collate_groups
     from troupe.learner.tiny_model import build_tiny_model
     from troupe.learner.zero import LearnerRank
-    from safetensors.torch import load_file
-    from tolerances import grad_norm_rtol, policy_loss_atol, reduction_terms
 
     ray = ray_local
     repo = Path(__file__).resolve().parents[1]
@@ -238,9 +239,10 @@ def test_token_budget_micro_batches_give_the_same_update(tmp_path, ray_local):
     differ by > 1e-6, relative 1e-4 of the step, with today's fixed micro-batches of 2 rows as well).
     (The ZeRO-3 case caught gradient accumulation keeping only the last micro-batch's gradient when the
     training forward bypassed the DeepSpeed engine: grad norm 0.90 instead of 3.00.)"""
+    from tolerances import grad_norm_rtol, policy_loss_atol, reduction_terms
+
     from troupe.learner.batch import micro_batch_plan
     from troupe.learner.tiny_model import build_tiny_model
-    from tolerances import grad_norm_rtol, policy_loss_atol, reduction_terms
 
     model = build_tiny_model(str(tmp_path / "m"), ["0123456789+=<think></think><answer></answer> abc"] * 20)
     batch = _varied_batch()

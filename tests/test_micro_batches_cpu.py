@@ -12,8 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from troupe.core.types import Group, Prompt, Sample
-from troupe.learner.batch import (collate_groups, micro_batch_plan, padding_share, token_budget_micro_batches,
-                                  trim_padding)
+from troupe.learner.batch import (
+    collate_groups,
+    micro_batch_plan,
+    padding_share,
+    token_budget_micro_batches,
+    trim_padding,
+)
 
 PROPS = settings(max_examples=80, deadline=None, derandomize=True, database=None)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from troupe.configs.schema import RewardConfig, RewardFunctionConfig
+from troupe.core.types import Group, Prompt, Sample
 from troupe.reward.registry import BUILTIN_REWARDS, load_reward_function
 from troupe.reward.scoring import (
     RESERVED_COLUMNS,
@@ -25,7 +26,6 @@ from troupe.reward.scoring import (
     reward_columns,
     score_batch,
 )
-from troupe.core.types import Group, Prompt, Sample
 
 TESTS_DIR = Path(__file__).resolve().parent
 

@@ -46,12 +46,11 @@ def _config(tmp: Path, ranks: int, micro: int, **over) -> "object":
 
 @pytest.mark.ray
 def test_rm_train_learns_and_two_ranks_equal_one(tmp_path, ray_local):
-    import torch
     from safetensors.torch import load_file
+    from tolerances import adam_weight_atol, assert_same_adam_weights, grad_norm_rtol, loss_rtol, reduction_terms
 
     from troupe.cluster.rm_train import train_reward_model
     from troupe.reward.model import RewardModelScorer
-    from tolerances import adam_weight_atol, assert_same_adam_weights, grad_norm_rtol, loss_rtol, reduction_terms
 
     _pairs(tmp_path / "pairs.jsonl", 80)
     one = train_reward_model(_config(tmp_path, 1, 16), log=print)

@@ -35,11 +35,17 @@ def _config(model: str, ranks: int, micro: int, stage: int, steps: int, batch: i
 def test_two_ranks_zero2_equal_one_rank_with_micro_batches(tmp_path, ray_local):
     import torch
     from safetensors.torch import load_file
+    from tolerances import (
+        adam_weight_atol,
+        assert_same_adam_weights,
+        grad_norm_rtol,
+        loss_rtol,
+        reduction_terms,
+        sum_rtol,
+    )
 
     from troupe.cluster.sft_train import train_sft
     from troupe.learner.tiny_model import build_tiny_model
-    from tolerances import (adam_weight_atol, assert_same_adam_weights, grad_norm_rtol, loss_rtol, reduction_terms,
-                            sum_rtol)
 
     # completions of very different lengths, so a mean of micro-batch means would differ from the token mean
     examples = [(f"{a}+{b}=", " ".join(str(a + b)) * (1 + (a * b) % 4)) for a, b in

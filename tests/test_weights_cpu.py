@@ -128,7 +128,13 @@ def test_write_checks_the_layout(tmp_path):
 
 
 def test_strategy_registry_and_config():
-    from troupe.cluster.weight_sync import ObjectStoreStrategy, ShmStrategy, SyncStrategy, VllmNcclStrategy, strategy_class
+    from troupe.cluster.weight_sync import (
+        ObjectStoreStrategy,
+        ShmStrategy,
+        SyncStrategy,
+        VllmNcclStrategy,
+        strategy_class,
+    )
     from troupe.configs.schema import SyncConfig
 
     assert strategy_class("shm") is ShmStrategy and strategy_class("object_store") is ObjectStoreStrategy
