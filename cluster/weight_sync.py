@@ -28,7 +28,8 @@ bucket from rank 0 into every engine:
   session. Written against vLLM 0.32's API; untested here (no GPU). It keeps no copy of the
   weights, so an engine replaced between syncs cannot be brought to the current version.
 
-``auto`` picks ``shm`` when every actor is on one node, else ``object_store``. Adding a transport
+``auto`` picks ``shm`` when every actor is on one node and /dev/shm has room for two model-sized
+files (+10%), else ``object_store`` (``resolve_auto_strategy``; the choice and its reason are logged). Adding a transport
 is one :class:`SyncStrategy` subclass with a ``name``; ``sync.strategy: "package.module:Class"``
 loads one from outside troupe.
 
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
 import shutil
 import socket
@@ -65,6 +67,8 @@ from typing import Any, Callable, ClassVar, Iterator, Optional
 from troupe.cluster.learners import LearnerGroup
 from troupe.core.weights import WeightBucket, layout_bytes, tensor_views, write_bucket, write_partitions
 from troupe.rollout.engines import EngineGroup
+
+logger = logging.getLogger(__name__)
 
 
 class SyncStrategy(ABC):
@@ -410,6 +414,25 @@ def strategy_class(name: str) -> type[SyncStrategy]:
     return found[name]
 
 
+SHM_DIR = "/dev/shm"
+
+
+def resolve_auto_strategy(single_node: bool, model_bytes: int, shm_free_bytes: Optional[int]) -> tuple[str, str]:
+    """``sync.strategy: auto`` -> (strategy, reason). ``shm`` needs one node and room in /dev/shm for the two
+    whole-model files it alternates between, plus 10% (a Docker container's default /dev/shm is 64 MB: the
+    first sync would fail with ENOSPC); otherwise ``object_store``. ``shm_free_bytes`` None: no /dev/shm.
+    Pure (tests/test_gpu_path_cpu.py)."""
+    if not single_node:
+        return "object_store", "actors on more than one node"
+    need = int(2.2 * model_bytes)
+    if shm_free_bytes is None:
+        return "object_store", "no /dev/shm on this node"
+    if shm_free_bytes < need:
+        return "object_store", (f"/dev/shm has {shm_free_bytes / 2**20:.0f} MiB free, the shm strategy needs "
+                                f"{need / 2**20:.0f} MiB (two model-sized files + 10%)")
+    return "shm", "one node, room in /dev/shm"
+
+
 class WeightSync:
     """Moves the learner's weights into every engine bucket by bucket, and keeps them for engine replacements.
 
@@ -430,16 +453,18 @@ class WeightSync:
                  bucket_mb: float = 256.0) -> None:
         if not bucket_mb > 0:
             raise ValueError(f"sync.bucket_mb must be > 0, got {bucket_mb}")
-        if strategy == "auto":
-            strategy = "shm" if single_node else "object_store"
-        cls = strategy_class(strategy)
-        self.strategy_name = cls.name or strategy
         self.bucket_bytes = max(1, int(bucket_mb * 2**20))
         self.learners, self.engines = learners, engines
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self._buckets: Optional[list[WeightBucket]] = None
+        if strategy == "auto":
+            free = shutil.disk_usage(SHM_DIR).free if os.path.isdir(SHM_DIR) else None
+            strategy, why = resolve_auto_strategy(single_node, layout_bytes(self.buckets()), free)
+            logger.info("sync.strategy auto -> %s (%s)", strategy, why)
+        cls = strategy_class(strategy)
+        self.strategy_name = cls.name or strategy
+        base = SHM_DIR if os.path.isdir(SHM_DIR) else None
         self.dir = tempfile.mkdtemp(prefix="troupe-sync-", dir=base)
         self.strategy = cls(self.dir, learners, engines)
-        self._buckets: Optional[list[WeightBucket]] = None
 
     def buckets(self) -> list[WeightBucket]:
         """The bucket layout (asked of learner rank 0 once, then cached)."""

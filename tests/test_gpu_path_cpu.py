@@ -56,3 +56,16 @@ def test_gpu_fractions_that_cannot_work_are_refused_by_name(override, field):
 def test_whole_gpus_are_accepted():
     cfg = load_config(REPO / "configs" / "arith_cpu.yaml", ["rollout.num_gpus_per_engine=2", *GPU])
     assert cfg.rollout.num_gpus_per_engine == 2 and cfg.learner.num_gpus_per_rank == 1
+
+
+def test_auto_sync_strategy_falls_back_to_the_object_store_when_dev_shm_is_small():
+    """Docker's default /dev/shm is 64 MB: a 1.5B bf16 model (3 GB) would fail the first shm sync with ENOSPC."""
+    from troupe.cluster.weight_sync import resolve_auto_strategy
+
+    model = 3 * 2**30
+    assert resolve_auto_strategy(True, model, 64 * 2**20)[0] == "object_store"
+    assert "64 MiB free" in resolve_auto_strategy(True, model, 64 * 2**20)[1]
+    assert resolve_auto_strategy(True, model, 2 * model)[0] == "object_store"  # two files + 10% do not fit
+    assert resolve_auto_strategy(True, model, 3 * model)[0] == "shm"
+    assert resolve_auto_strategy(False, model, 100 * model)[0] == "object_store"  # several nodes
+    assert resolve_auto_strategy(True, model, None)[0] == "object_store"  # no /dev/shm
