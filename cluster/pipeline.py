@@ -93,7 +93,7 @@ def evaluate_policy(cfg: RunConfig, model_path: str, eval_rows: list[dict], dump
     engines, pg = start_engines(cfg, model_path, log=say)
     rewards = None
     try:
-        rewards = RewardRouter(cfg.reward)
+        rewards = RewardRouter(cfg.reward, ready_timeout_s=cfg.cluster.rpc_timeout_s)
         return evaluate(SimpleNamespace(engines=engines, rewards=rewards), prompts, cfg, dump)
     finally:
         if rewards is not None:

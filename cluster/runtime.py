@@ -275,7 +275,7 @@ def start_actors(cfg: RunConfig, model_path: str, log: Callable[[str], None] = p
     learners = LearnerGroup([start_named(Learner, f"learner-rank-{r}", (r, n, master_addr, master_port, model_path, cfg),
                                          **_actor_options(cfg, pg, bundles, E + r)) for r in range(n)],
                             rpc_timeout_s=cl.rpc_timeout_s)
-    rewards = RewardRouter(cfg.reward)
+    rewards = RewardRouter(cfg.reward, ready_timeout_s=cl.rpc_timeout_s)
     engines.ready()
     learners.ready()
     return Actors(engines, learners, rewards, pg)

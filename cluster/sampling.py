@@ -82,7 +82,7 @@ class PolicySampler:
         """Start the reward lanes (``RewardRouter(cfg.reward)``); ValueError on a bad reward spec."""
         from troupe.reward.router import RewardRouter
 
-        self.rewards = RewardRouter(self.cfg.reward)
+        self.rewards = RewardRouter(self.cfg.reward, ready_timeout_s=self.cfg.cluster.rpc_timeout_s)
 
     def start_engines(self, log: Callable[[str], None] = print) -> None:
         """Start the engines on ``model`` (``start_engines``; ``log`` gets restart lines); raises its errors."""

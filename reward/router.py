@@ -83,12 +83,16 @@ class RewardRouter:
         runtime_env: optional Ray runtime_env for every actor (skips the driver-side check).
         wait_ready: block until every actor of every lane has loaded its functions or model.
         max_task_retries: as ``RewardPool``'s.
+        ready_timeout_s: with ``wait_ready``, the longest wait (s) for a lane's actors (None: no limit;
+            runs pass ``cluster.rpc_timeout_s``).
     Raises:
         ValueError: a rule function cannot be loaded, or a model folder has no readable
             ``config.json`` (checked in the driver without loading weights; the message names
             ``reward.models.N.path``); with ``wait_ready``, anything that fails to load in a
             worker (the message names the lane, the config key and the path).
         RuntimeError: Ray is not initialized.
+        TimeoutError: a lane's actors not ready within ``ready_timeout_s`` (names the lane and what to check:
+            a reward model with ``num_gpus`` needs a GPU outside the engines' and learner's placement group).
 
     Usage (as ``RewardPool``)::
 
@@ -106,6 +110,7 @@ class RewardRouter:
         runtime_env: Optional[dict] = None,
         wait_ready: bool = True,
         max_task_retries: int = 1,
+        ready_timeout_s: Optional[float] = None,
     ) -> None:
         if not ray.is_initialized():
             raise RuntimeError("RewardRouter needs Ray: call ray.init() first")
@@ -126,7 +131,7 @@ class RewardRouter:
                     self._lanes.append(_Lane(p.name, RewardPool(self._model_cfg(p), num_gpus_per_worker=p.spec.num_gpus,
                                                                 name=f"reward-model-{p.name}", **common), [p]))
             if wait_ready:
-                self.wait_ready()
+                self.wait_ready(ready_timeout_s)
         except BaseException:
             self.shutdown()
             raise
@@ -145,13 +150,18 @@ class RewardRouter:
 
         Raises:
             ValueError: a worker could not load (names the lane, its config key and path).
-            ray.exceptions.GetTimeoutError: not ready within ``timeout`` seconds (per lane).
+            TimeoutError: not ready within ``timeout`` seconds (per lane; names the lane).
         """
         for lane in self._lanes:
             try:
                 lane.pool.wait_ready(timeout)
             except ValueError as e:
                 raise ValueError(f"{lane.describe()}: {e}") from e
+            except ray.exceptions.GetTimeoutError as e:
+                raise TimeoutError(
+                    f"{lane.describe()}: its actors were not ready after {timeout:.0f} s (cluster.rpc_timeout_s). "
+                    "They may not fit the cluster: a reward model with num_gpus needs a GPU left over by the "
+                    "engines' and learner's placement group (`ray status` shows what is free)") from e
 
     # ---------------------------------------------------------------- facts
 

@@ -105,3 +105,14 @@ def test_start_named_takes_the_next_free_name(workers):
     assert ray.get(second.echo.remote(3)) == 3
     for a in (first, second):
         ray.kill(a)
+
+
+def test_reward_model_lane_that_cannot_be_placed_times_out_by_name(ray_local, rm_dir):
+    """A reward model asking for a GPU the cluster does not have: its actor is never placed, and the router's
+    ready wait ends after its deadline (runs pass cluster.rpc_timeout_s) with a TimeoutError naming the lane."""
+    from troupe.configs.schema import RewardConfig
+    from troupe.reward.router import RewardRouter
+
+    cfg = RewardConfig.model_validate({"functions": [], "models": [{"path": rm_dir, "name": "rm", "num_gpus": 1}]})
+    with pytest.raises(TimeoutError, match=r"reward lane 'rm' .*not ready after 3 s \(cluster.rpc_timeout_s\).*num_gpus"):
+        RewardRouter(cfg, ready_timeout_s=3.0)  # without the deadline this waits forever (pytest-timeout fails it)
