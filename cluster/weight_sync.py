@@ -433,6 +433,34 @@ def resolve_auto_strategy(single_node: bool, model_bytes: int, shm_free_bytes: O
     return "shm", "one node, room in /dev/shm"
 
 
+def sweep_orphan_sync_dirs(base: str) -> list[str]:
+    """Remove the ``troupe-sync-<pid>-*`` folders under ``base`` whose driver process is gone; returns them.
+
+    A driver killed with SIGKILL (the OOM killer does that) cannot remove its sync folder, which holds two
+    model-sized weight files in /dev/shm. The folder name carries the driver's pid; a folder whose pid no
+    longer exists on this host is an orphan. (A pid reused by another process keeps its folder: the sweep
+    only ever removes too little.) Folders of the older ``troupe-sync-<random>`` form are left alone."""
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 4 or parts[:2] != ["troupe", "sync"] or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+            continue  # alive (or another user's: PermissionError below)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
 class WeightSync:
     """Moves the learner's weights into every engine bucket by bucket, and keeps them for engine replacements.
 
@@ -463,7 +491,10 @@ class WeightSync:
         cls = strategy_class(strategy)
         self.strategy_name = cls.name or strategy
         base = SHM_DIR if os.path.isdir(SHM_DIR) else None
-        self.dir = tempfile.mkdtemp(prefix="troupe-sync-", dir=base)
+        if base is not None:
+            for name in sweep_orphan_sync_dirs(base):
+                logger.info("removed %s/%s: the sync folder of a driver that is gone (killed?)", base, name)
+        self.dir = tempfile.mkdtemp(prefix=f"troupe-sync-{os.getpid()}-", dir=base)
         self.strategy = cls(self.dir, learners, engines)
 
     def buckets(self) -> list[WeightBucket]:

@@ -20,6 +20,7 @@ no layer is split), ``finish_weights``; or, for GPU engines, vLLM's own NCCL wei
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import Union
 
@@ -101,6 +102,30 @@ class WeightReloadExtension:
         return {**{k: os.environ.get(k) for k in THREAD_VARS}, "torch_threads": torch.get_num_threads()}
 
 
+def shm_segments_of(pid: int) -> list[str]:
+    """The vLLM shared-memory segments (``/dev/shm/psm_*``) mapped by process ``pid`` and its descendants.
+
+    vLLM's message queues (``shm_broadcast.MessageQueue``) unlink their segment only when their creator
+    exits cleanly; an engine stopped with ``ray.kill`` (or killed by a fault) leaves them behind (160 and
+    240 MiB logical each, issue 26). The engine reports its segments when it is ready, so the driver can
+    unlink what a dead or stopped engine left. Linux only (reads /proc); [] elsewhere."""
+    seen, todo, out = set(), [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/maps") as f:
+                out.update(line.split(None, 5)[5].strip() for line in f
+                           if "/dev/shm/psm_" in line and len(line.split(None, 5)) == 6)
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return sorted(x.replace(" (deleted)", "") for x in out)
+
+
 def engine_kwargs(model_path: str, rollout: RolloutConfig, *, dtype: str, seed: int, device: str) -> dict:
     """The keyword arguments of ``vllm.LLM`` for one engine (pure: a CPU test checks the GPU ones).
 
@@ -168,9 +193,11 @@ class RolloutEngine:
 
     def ready(self) -> dict:
         """Engine facts once started: start time (s), policy version, eos id, vLLM worker processes
-        ("workers": the tensor-parallel size on GPUs, 1 on the CPU)."""
+        ("workers": the tensor-parallel size on GPUs, 1 on the CPU), and the host and /dev/shm segments
+        of its vLLM processes ("host", "shm_segments": ``shm_segments_of``; the driver unlinks them once
+        the engine is gone)."""
         return {"start_seconds": self.start_seconds, "version": self.version, "eos_token_id": self.tokenizer.eos_token_id,
-                "workers": self.workers}
+                "workers": self.workers, "host": socket.gethostname(), "shm_segments": shm_segments_of(os.getpid())}
 
     def generate(self, prompts: list[Prompt], sampling: Sampling, seeds: list[int] | None = None) -> list[Group]:
         """Sample ``sampling.n`` responses per prompt (greedy when temperature == 0 and n == 1).

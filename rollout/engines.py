@@ -24,6 +24,8 @@ replaced and its chunks resampled the same way, and it counts as one failure in 
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from typing import Any, Callable, Iterable, Optional
 
@@ -76,6 +78,7 @@ class EngineGroup:
         self._failures_in_row = 0
         self._version = 0
         self._source: Optional[tuple[int, Callable[[Any], Any]]] = None
+        self._shm: dict[int, list[str]] = {}  # engine i -> the /dev/shm segments its ready() reported (this host)
 
     def __len__(self) -> int:
         return len(self._engines)
@@ -130,6 +133,7 @@ class EngineGroup:
                 raise RuntimeError(f"{self._failures_in_row} engine failures in a row (more than "
                                    f"cluster.max_engine_failures = {self.max_failures}); last: {err}; the run stops") from err
             _kill(self._engines[i])
+            _unlink(self._shm.pop(i, []))
             t0 = time.time()
             self._engines[i] = self._factory(i)
             try:
@@ -147,7 +151,7 @@ class EngineGroup:
     def _bring_up(self, i: int, restore: bool) -> None:
         """Wait for the replacement engine ``i``, load the current weights, check its version."""
         h, name, t = self._engines[i], f"engine {i}", self.rpc_timeout_s
-        get_one(h.ready.remote(), name, "start (replacement)", t)
+        self._note_segments(i, get_one(h.ready.remote(), name, "start (replacement)", t))
         if not restore:
             return
         if self._version > 0:
@@ -183,7 +187,15 @@ class EngineGroup:
 
     def ready(self) -> list[dict]:
         """Block until every engine has started; each engine's ``ready()`` facts (errors as ``_each``)."""
-        return self._each("ready", lambda h: h.ready.remote())
+        facts = self._each("ready", lambda h: h.ready.remote())
+        for i, f in enumerate(facts):
+            self._note_segments(i, f)
+        return facts
+
+    def _note_segments(self, i: int, facts: Any) -> None:
+        """Keep engine ``i``'s /dev/shm segments when it runs on this host (unlinked when it is gone)."""
+        if isinstance(facts, dict) and facts.get("host") == socket.gethostname():
+            self._shm[i] = list(facts.get("shm_segments", []))
 
     def generate(self, prompts: list[Prompt], sampling: Sampling, rewards: Optional[Any] = None,
                  seeds: Optional[list[int]] = None) -> tuple[list[Group], dict]:
@@ -358,10 +370,24 @@ class EngineGroup:
         return self._each("get_version", lambda h: h.get_version.remote())
 
     def shutdown(self) -> None:
-        """Kill the engine actors (dead ones included; errors ignored)."""
+        """Kill the engine actors (dead ones included; errors ignored) and unlink the /dev/shm segments their
+        vLLM processes had (``ray.kill`` stops them before vLLM can; a segment still mapped by a process
+        that is exiting stays readable to it until it unmaps)."""
         for e in self._engines:
             _kill(e)
         self._engines = []
+        for i in list(self._shm):
+            _unlink(self._shm.pop(i))
+
+
+def _unlink(paths: Iterable[str]) -> None:
+    """Remove vLLM shared-memory segment files (only ``/dev/shm/psm_*``; missing ones ignored)."""
+    for p in paths:
+        if p.startswith("/dev/shm/psm_") and "/" not in p[len("/dev/shm/"):]:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
 
 
 def _kill(handle: Any) -> None:

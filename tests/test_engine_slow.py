@@ -209,7 +209,15 @@ def test_engine_death_mid_generate_is_replaced(ray_local, model_dir, tmp_path):
     sp = Sampling(**SEEDED)
     eng = _Engines(ray, model_dir, 2)
     group, logs = eng.group(chunks_per_engine=4, rpc_timeout_s=600.0, max_failures=3)
+    segments = set()  # every /dev/shm segment an engine of the group reported (killed, wedged and final ones)
+
+    def note_segments() -> None:
+        facts = [ray.get(h.ready.remote()) for h in group.handles]
+        segments.update(x for f in facts for x in f["shm_segments"])
+        assert all(f["shm_segments"] and all(os.path.exists(x) for x in f["shm_segments"]) for f in facts), facts
+
     try:
+        note_segments()
         g = torch.Generator().manual_seed(3)
         new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in load_file(f"{model_dir}/model.safetensors").items()}
         new["lm_head.weight"] = new["model.embed_tokens.weight"].clone()
@@ -237,6 +245,7 @@ def test_engine_death_mid_generate_is_replaced(ray_local, model_dir, tmp_path):
         assert ray.get(after[dead].get_version.remote()) == 1 and group.versions() == [1, 1]
         lps = group.sequence_logprobs(probe, len(prompts[0].token_ids))
         assert lps[dead] == pytest.approx(lps[1 - dead], abs=1e-6) and lps[dead] == pytest.approx(lp_v1, abs=1e-6)
+        note_segments()
 
         # a wedged engine (alive, SIGSTOPped: no chunk back for stall_timeout_s) is killed and replaced the same way
         group.stall_timeout_s = 8.0
@@ -250,8 +259,11 @@ def test_engine_death_mid_generate_is_replaced(ray_local, model_dir, tmp_path):
         after = group.handles
         assert after[stop.stopped] is not before[stop.stopped] and after[1 - stop.stopped] is before[1 - stop.stopped]
         assert group.versions() == [1, 1]
+        note_segments()
     finally:
         eng.close(group)
+    # vLLM's shared-memory segments of the killed, the wedged and the shut-down engines are gone (issue 26)
+    assert len(segments) >= 8 and not [x for x in segments if os.path.exists(x)], segments
 
 
 @pytest.mark.ray

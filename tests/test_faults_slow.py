@@ -115,13 +115,18 @@ def test_resume_after_sigkill_of_the_driver(tmp_path, stage):
 
 def test_sigint_checkpoints_and_leaves_nothing_behind(tmp_path):
     """Ctrl-C: the current step finishes, a checkpoint is written, every process the run started exits,
-    no weight file is left in /dev/shm; exit status 130."""
+    no weight file and no vLLM shared-memory segment is left in /dev/shm; exit status 130."""
     shm_before = set(os.listdir("/dev/shm"))
     run_dir = tmp_path / "ctrlc"
     proc = _start(tmp_path, "ctrlc", ["steps=50", "checkpoint.every=5"])
     _wait_for(_has_step(run_dir, 1), proc, "step 1")
     started = psutil.Process(proc.pid).children(recursive=True)
-    assert _actor_procs(proc, "ray::RolloutEngine") and _actor_procs(proc, "ray::LearnerRank")
+    engines = _actor_procs(proc, "ray::RolloutEngine")
+    assert engines and _actor_procs(proc, "ray::LearnerRank")
+    from troupe.rollout.engine import shm_segments_of
+
+    segments = [x for p in engines for x in shm_segments_of(p.pid)]  # vLLM's message queues (issue 26)
+    assert segments
     proc.send_signal(signal.SIGINT)
     assert proc.wait(300) == 130
     stopped = max(_steps(run_dir))
@@ -132,6 +137,7 @@ def test_sigint_checkpoints_and_leaves_nothing_behind(tmp_path):
     _, alive = psutil.wait_procs(started, timeout=60)
     assert not alive, f"processes left behind: {[p.pid for p in alive]}"
     left = {n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("troupe-")}
+    left |= {x for x in segments if os.path.exists(x)}
     assert not left, f"left in /dev/shm: {left}"
 
 

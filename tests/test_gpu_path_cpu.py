@@ -69,3 +69,23 @@ def test_auto_sync_strategy_falls_back_to_the_object_store_when_dev_shm_is_small
     assert resolve_auto_strategy(True, model, 3 * model)[0] == "shm"
     assert resolve_auto_strategy(False, model, 100 * model)[0] == "object_store"  # several nodes
     assert resolve_auto_strategy(True, model, None)[0] == "object_store"  # no /dev/shm
+
+
+def test_sync_folders_of_dead_drivers_are_swept(tmp_path):
+    """A driver killed with SIGKILL leaves troupe-sync-<pid>-*: the next run removes it (the pid is gone), and
+    keeps a live driver's folder and anything not named like one."""
+    import os
+    import subprocess
+    import sys
+
+    from troupe.cluster.weight_sync import sweep_orphan_sync_dirs
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name in (f"troupe-sync-{gone.pid}-abc", f"troupe-sync-{os.getpid()}-def", "troupe-sync-xyz12", "other-1-2-3"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w.bin").write_bytes(b"x" * 16)
+    assert sweep_orphan_sync_dirs(str(tmp_path)) == [f"troupe-sync-{gone.pid}-abc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"troupe-sync-{os.getpid()}-def", "troupe-sync-xyz12", "other-1-2-3"])
+    assert sweep_orphan_sync_dirs(str(tmp_path / "missing")) == []
