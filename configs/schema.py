@@ -145,6 +145,7 @@ class RolloutConfig(_Strict):
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="GPU only: vLLM memory share.")
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation (faster start).")
     max_model_len: int = Field(512, ge=16, le=1048576, description="vLLM max_model_len (prompt + response).")
+
     @field_validator("num_gpus_per_engine")
     @classmethod
     def _whole_gpus(cls, v: float) -> float:

@@ -116,9 +116,9 @@ def shm_segments_of(pid: int) -> list[str]:
             continue
         seen.add(p)
         try:
-            with open(f"/proc/{p}/maps") as f:
-                out.update(line.split(None, 5)[5].strip() for line in f
-                           if "/dev/shm/psm_" in line and len(line.split(None, 5)) == 6)
+            with open(f"/proc/{p}/maps") as f:  # address perms offset dev inode [path]
+                fields = (line.split(None, 5) for line in f if "/dev/shm/psm_" in line)
+                out.update(x[5].strip() for x in fields if len(x) == 6)
             with open(f"/proc/{p}/task/{p}/children") as f:
                 todo.extend(int(c) for c in f.read().split())
         except OSError:
