@@ -98,14 +98,15 @@ class _Engines:
     """Engines as a run starts them (cluster/runtime.py ``engine_factory``): one placement-group
     bundle of 1 CPU per engine, replacements in the dead engine's bundle."""
 
-    def __init__(self, ray, model_dir, num_engines):
+    def __init__(self, ray, model_dir, num_engines, engine_core="auto"):
         from ray.util.placement_group import placement_group
 
         from troupe.cluster.runtime import _bundles, engine_factory
         from troupe.configs.schema import load_config
 
         cfg = load_config(REPO / "configs" / "arith_cpu.yaml", [f"rollout.num_engines={num_engines}",
-                                                                "rollout.num_cpus_per_engine=1"])
+                                                                "rollout.num_cpus_per_engine=1",
+                                                                f"rollout.engine_core={engine_core}"])
         self.ray, self.bundles = ray, _bundles(cfg)[:num_engines]
         self.pg = placement_group(self.bundles, strategy="PACK")
         assert self.pg.wait(timeout_seconds=60)
@@ -199,7 +200,10 @@ def test_seeded_sampling_is_engine_independent(ray_local, model_dir):
 def test_engine_death_mid_generate_is_replaced(ray_local, model_dir, tmp_path):
     """Engine killed while it has unfinished chunks: replaced in its bundle with the current weights
     (v1), its chunks resampled with the same seeds; one group per prompt, in order. Then an engine
-    frozen with SIGSTOP (wedged, not dead) is replaced the same way after ``stall_timeout_s``."""
+    frozen with SIGSTOP (wedged, not dead) is replaced the same way after ``stall_timeout_s``. The engines run
+    vLLM's engine core in its own processes (rollout.engine_core=subprocess, the GPU default), the mode whose
+    shared-memory segments a killed engine leaves behind; the in-process CPU default is killed mid-run in
+    test_faults_slow."""
     from safetensors.torch import load_file, save_file
 
     from troupe.core.types import Sampling
@@ -207,7 +211,7 @@ def test_engine_death_mid_generate_is_replaced(ray_local, model_dir, tmp_path):
     ray = ray_local
     prompts, seeds = _prompts(model_dir, 8), [7 + 16 * i for i in range(8)]
     sp = Sampling(**SEEDED)
-    eng = _Engines(ray, model_dir, 2)
+    eng = _Engines(ray, model_dir, 2, engine_core="subprocess")
     group, logs = eng.group(chunks_per_engine=4, rpc_timeout_s=600.0, max_failures=3)
     segments = set()  # every /dev/shm segment an engine of the group reported (killed, wedged and final ones)
 

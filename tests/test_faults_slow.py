@@ -115,10 +115,12 @@ def test_resume_after_sigkill_of_the_driver(tmp_path, stage):
 
 def test_sigint_checkpoints_and_leaves_nothing_behind(tmp_path):
     """Ctrl-C: the current step finishes, a checkpoint is written, every process the run started exits,
-    no weight file and no vLLM shared-memory segment is left in /dev/shm; exit status 130."""
+    no weight file and no vLLM shared-memory segment is left in /dev/shm; exit status 130. vLLM's engine core
+    runs in its own processes here (rollout.engine_core=subprocess, the GPU default): they must exit too, and
+    their message queues are the segments."""
     shm_before = set(os.listdir("/dev/shm"))
     run_dir = tmp_path / "ctrlc"
-    proc = _start(tmp_path, "ctrlc", ["steps=50", "checkpoint.every=5"])
+    proc = _start(tmp_path, "ctrlc", ["steps=50", "checkpoint.every=5", "rollout.engine_core=subprocess"])
     _wait_for(_has_step(run_dir, 1), proc, "step 1")
     started = psutil.Process(proc.pid).children(recursive=True)
     engines = _actor_procs(proc, "ray::RolloutEngine")

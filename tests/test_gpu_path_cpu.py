@@ -10,7 +10,7 @@ import pytest
 
 from troupe.configs.schema import ConfigError, RolloutConfig, load_config
 from troupe.learner.zero import _ds_config
-from troupe.rollout.engine import engine_kwargs
+from troupe.rollout.engine import engine_core_in_process, engine_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 GPU = ["device=gpu", "learner.num_gpus_per_rank=1"]
@@ -30,6 +30,12 @@ def test_engine_kwargs_gpu_tensor_parallel_uses_the_multiprocessing_executor(gpu
     assert kw["tensor_parallel_size"] == gpus and kw.get("distributed_executor_backend") == backend
     assert kw["weight_transfer_config"] == {"backend": "nccl"} and kw["gpu_memory_utilization"] == 0.8
     assert "enable_chunked_prefill" not in kw
+
+
+@pytest.mark.parametrize("setting,device,in_process", [
+    ("auto", "cpu", True), ("auto", "gpu", False), ("subprocess", "cpu", False), ("in_process", "gpu", True)])
+def test_engine_core_runs_in_the_actor_on_cpu_and_in_vllms_processes_on_gpu(setting, device, in_process):
+    assert engine_core_in_process(RolloutConfig(engine_core=setting), device) is in_process
 
 
 def test_optimizer_is_torch_adamw_on_gpu_and_deepspeeds_on_cpu():
