@@ -32,13 +32,24 @@ STALE_LOCK_S = 1200.0
 
 
 def use_venv_extensions_dir() -> Path:
-    """Point ``TORCH_EXTENSIONS_DIR`` at ``<sys.prefix>/torch_extensions`` unless the user set it; returns it.
+    """Point ``TORCH_EXTENSIONS_DIR`` at ``<sys.prefix>/torch_extensions`` unless the user set it, and put
+    this interpreter's ``bin`` first on ``PATH`` when it holds ``ninja``; returns the extensions folder.
 
     torch's default, ``~/.cache/torch_extensions``, is shared by every virtual environment of the
     user, and a build's ``build.ninja`` names its venv's paths: two clones (or a CI check next to a
     working copy) rebuild over each other's ops. Per venv, ``rm -rf .venv`` also removes its builds.
+
+    torch runs whichever ``ninja`` is first on ``PATH``, and ninja versions record a build's command
+    hash differently in ``.ninja_log`` (the venv's pip ninja 1.13 and Debian's 1.11 here): a learner
+    started with the venv on ``PATH`` (an activated shell, ``ray job submit``) and one started without
+    it rebuilt both ops in turn, 65 s of start-up each time. The venv's own ninja (a DeepSpeed
+    dependency) is always used.
     """
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if Path(bin_dir, "ninja").exists() and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
     return Path(os.environ["TORCH_EXTENSIONS_DIR"])
 
 

@@ -39,3 +39,30 @@ def test_setup_built_the_ops_the_learner_loads(monkeypatch):
     assert (extensions_dir() / "fused_adam").is_dir(), "make setup did not build the ops into this venv"
     assert build_cpu_ops() == ["deepspeed_shm_comm", "fused_adam"]
     assert not list(extensions_dir().glob("*/lock"))
+
+
+def test_the_venvs_ninja_builds_whatever_the_shell_path(monkeypatch):
+    """A learner started with the venv first on PATH (``ray job submit``, an activated shell) and one started
+    without it load the ops that set-up built: neither rebuilds them (two ninja versions used to alternate,
+    each rebuilding both ops: core/ds_ops.py ``use_venv_extensions_dir``)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    use_venv_extensions_dir()
+    assert shutil.which("ninja") == str(Path(sys.executable).parent / "ninja")
+    libs = sorted(extensions_dir().glob("*/*.so"))
+    assert len(libs) == 2, libs
+    before = [p.stat().st_mtime_ns for p in libs]
+    venv_bin = str(Path(sys.executable).parent)
+    for path in (f"{venv_bin}:/usr/bin:/bin", "/usr/bin:/bin"):
+        env = {**os.environ, "PATH": path}
+        env.pop("TORCH_EXTENSIONS_DIR", None)
+        r = subprocess.run([sys.executable, "-c", "from troupe.core.ds_ops import use_venv_extensions_dir, build_cpu_ops;"
+                            "use_venv_extensions_dir(); print(build_cpu_ops())"], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+    assert [p.stat().st_mtime_ns for p in libs] == before, "an op was rebuilt"
