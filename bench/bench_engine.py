@@ -176,7 +176,10 @@ def _vllm(model: str, points: list[tuple[int, int]], prompts, repeats: int, thre
                       [f"rollout.num_cpus_per_engine={threads}"])
     try:
         os.environ.update(thread_env("engine", cfg), VLLM_CPU_KVCACHE_SPACE="1")
-        engine = RolloutEngine(model, RolloutConfig(max_model_len=512, kv_cache_gib=1), dtype="float32", seed=0)
+        # vLLM's own processes, as when engine_throughput.md was measured (the CPU default is now in-process:
+        # bench/bench_engine_start.py)
+        engine = RolloutEngine(model, RolloutConfig(max_model_len=512, kv_cache_gib=1, engine_core="subprocess"),
+                               dtype="float32", seed=0)
 
         def troupe(n: int, new: int, seeded: bool = True) -> int:
             groups = engine.generate(prompts[:n], Sampling(n=1, max_new_tokens=new, temperature=1.0),

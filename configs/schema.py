@@ -148,8 +148,9 @@ class RolloutConfig(_Strict):
     engine_core: Literal["auto", "in_process", "subprocess"] = Field(
         "auto", description="Where vLLM's engine core runs (VLLM_ENABLE_V1_MULTIPROCESSING): 'in_process' in the "
         "engine actor, 'subprocess' in vLLM's own EngineCore + worker processes. auto: in_process on the CPU (the "
-        "two extra processes each import torch and vLLM again: 17 s vs 2.4 s to start the demo's engine on 2 "
-        "cores), subprocess on GPUs (vLLM's default; tensor parallelism needs worker processes).")
+        "two extra processes each import torch and vLLM again: the demo's engine starts in 6.5 s instead of 20.5 s "
+        "on 2 cores, and samples a step ~10% slower, bench/results/engine_start.md), subprocess on GPUs (vLLM's "
+        "default; tensor parallelism needs worker processes).")
 
     @field_validator("num_gpus_per_engine")
     @classmethod

@@ -129,9 +129,13 @@ def shm_segments_of(pid: int) -> list[str]:
 def engine_core_in_process(rollout: RolloutConfig, device: str) -> bool:
     """Whether vLLM's engine core runs inside the engine actor (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 
-    ``rollout.engine_core``: "in_process" or "subprocess" as said; "auto" is in-process on the CPU (vLLM's
-    default starts an EngineCore and a worker process that each import torch and vLLM again: 17.3 s vs
-    2.4 s for the demo's engine on 2 cores, measured with vLLM 0.32) and vLLM's own processes on GPUs.
+    ``rollout.engine_core``: "in_process" or "subprocess" as said; "auto" is in-process on the CPU and
+    vLLM's own processes on GPUs. On the CPU, vLLM's default starts an EngineCore and a worker process that
+    each import torch and vLLM again: the demo's engine starts in 6.5 s in-process and 20.5 s in
+    subprocesses on 2 cores, and samples the demo's step batch ~10% slower in-process (2.0 vs 1.8 s: the
+    separate engine core overlaps output processing with the forward on another core); vLLM 0.32,
+    ``bench/bench_engine_start.py``. Short CPU runs and tests start engines often; a long CPU run may
+    prefer "subprocess".
     """
     if rollout.engine_core == "auto":
         return device == "cpu"
