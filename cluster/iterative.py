@@ -194,10 +194,10 @@ class IterativeRewardModel:
     def _load_data(self) -> list[Pair]:
         from transformers import AutoTokenizer
 
-        from troupe.cluster.rm_train import _texts
+        from troupe.cluster.rm_train import scored_pair_texts
         from troupe.rollout.preferences import load_pairs
 
-        return [(c, r, None) for c, r, _ in _texts(load_pairs(self.it.data), AutoTokenizer.from_pretrained(self.original))]
+        return [(c, r, None) for c, r, _ in scored_pair_texts(load_pairs(self.it.data), AutoTokenizer.from_pretrained(self.original))]
 
     # ---------------------------------------------------------------- the loop's calls
 
@@ -293,14 +293,14 @@ class IterativeRewardModel:
             import ray
 
             from troupe.cluster.learners import LearnerGroup
-            from troupe.cluster.runtime import _free_port
+            from troupe.cluster.runtime import free_port
             from troupe.core.threads import cpu_thread_env
             from troupe.learner.rm_rank import RewardModelRank
 
             tc = self.trainer_config()
             env = {"env_vars": {"DS_ACCELERATOR": "cpu", **cpu_thread_env(tc.learner.torch_threads)}} \
                 if tc.device == "cpu" else None
-            rank = start_named(ray.remote(RewardModelRank), "rm-trainer-rank-0", (0, 1, "127.0.0.1", _free_port(), self.folder, tc),
+            rank = start_named(ray.remote(RewardModelRank), "rm-trainer-rank-0", (0, 1, "127.0.0.1", free_port(), self.folder, tc),
                                num_cpus=tc.learner.num_cpus_per_rank, num_gpus=tc.learner.num_gpus_per_rank, runtime_env=env)
             group = LearnerGroup([rank], rpc_timeout_s=tc.cluster.rpc_timeout_s)
             try:

@@ -12,7 +12,7 @@ What a stage kind does:
 * ``sft``: supervised fine-tuning on the learner ranks (``troupe.cluster.sft_train``) on ``sft.path``
   (JSONL of prompt/completion) or else the data-source plugin's cold-start examples; a
   ``builtin:`` model is built first (``troupe.cluster.prepare``).
-* ``grpo``: a GRPO run exactly as ``troupe train RUN.yaml`` (``troupe.cluster.cli._train_on_ray``),
+* ``grpo``: a GRPO run exactly as ``troupe train RUN.yaml`` (``troupe.cluster.runs.train_on_ray``),
   checkpoints and faults included.
 * ``rejection_sampling``: DeepSeek-R1's rejection sampling (``troupe.cluster.rejection``: sample N
   per prompt, keep what passes the named filters, write ``sft_data.jsonl`` and ``pairs.jsonl``),
@@ -146,7 +146,7 @@ def _run_rejection(cfg: RunConfig, model_path: str, folder: Path, train_rows: li
 def _run_grpo(cfg: RunConfig, model_path: str, folder: Path, train_rows: list[dict], eval_rows: list[dict],
               source: str, say) -> dict:
     from troupe.cluster import checkpoint
-    from troupe.cluster.cli import ResumePoint, _train_on_ray
+    from troupe.cluster.runs import ResumePoint, RunStopped, train_on_ray
 
     resume = None
     last = checkpoint.latest(checkpoint.checkpoint_root(cfg, folder))
@@ -154,12 +154,10 @@ def _run_grpo(cfg: RunConfig, model_path: str, folder: Path, train_rows: list[di
         state = checkpoint.load_state(last)
         resume = ResumePoint(last, folder, state, checkpoint.check_compatible(last, cfg))
         say(f"resuming inside the stage from {last}")
-    rc = _train_on_ray(cfg, train_rows, eval_rows, folder, resume, source, say, time.time(), model_path=model_path)
-    if rc in (130, 143):
-        raise KeyboardInterrupt(f"the GRPO run was stopped by a signal (exit status {rc})")
-    if rc != 0:
-        raise RuntimeError(f"the GRPO run exited with status {rc} (its log is above; run folder {folder})")
-    summary = json.loads((folder / "summary.json").read_text())
+    try:  # RunFailed (a RuntimeError naming what failed) fails the stage
+        summary = train_on_ray(cfg, train_rows, eval_rows, folder, resume=resume, config_path=source, model_path=model_path)
+    except RunStopped as e:
+        raise KeyboardInterrupt(f"the GRPO run was {e}") from e
     return {"policy": summary["checkpoint"], "eval": summary["eval_final"], "eval_start": summary["eval_start"]}
 
 

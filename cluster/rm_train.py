@@ -29,7 +29,7 @@ MAX_STATS_TEXTS = 4096
 """Training texts whose rewards give the stored mean/std (chosen and rejected of the first pairs)."""
 
 
-def _texts(pairs: Sequence[Any], tokenizer: Any) -> list[tuple[str, str, Optional[float]]]:
+def scored_pair_texts(pairs: Sequence[Any], tokenizer: Any) -> list[tuple[str, str, Optional[float]]]:
     """(chosen text, rejected text, margin) per pair: ``reward_text(prompt, response, eos)``."""
     from troupe.core.reward_model import reward_text
     from troupe.rollout.preferences import pair_texts
@@ -130,7 +130,7 @@ def train_reward_model(cfg: RewardModelTrainConfig, address: Optional[str] = Non
     plain = [(str(p.prompt) + str(p.chosen), str(p.prompt) + str(p.rejected), None) for p in train_pairs[:5000]]
     model_path = _model_path(cfg, run_dir, plain, log)
     tok = AutoTokenizer.from_pretrained(model_path)
-    train, held = _texts(train_pairs, tok), _texts(held_pairs, tok)
+    train, held = scored_pair_texts(train_pairs, tok), scored_pair_texts(held_pairs, tok)
     log(f"pairs: {len(train)} train, {len(held)} held out ({d.path})")
 
     from troupe.cluster.runtime import join_ray, start_zero_ranks

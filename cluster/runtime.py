@@ -68,7 +68,8 @@ def join_ray(address: str | None, need_cpus: float, dashboard: bool = False) -> 
              include_dashboard=dashboard, log_to_driver=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous; taken again only by chance)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -115,7 +116,7 @@ def start_zero_ranks(rank_cls: type, lc: LearnerConfig, device: str, rpc_timeout
         raise TimeoutError(f"placement group {bundles} could not be reserved; cluster has {ray.cluster_resources()}")
     env = {"env_vars": {"DS_ACCELERATOR": "cpu", **cpu_thread_env(lc.torch_threads)}} if not gpu else None
     Rank = ray.remote(rank_cls)
-    addr, port = _bundle_ip(pg, 0), _free_port()
+    addr, port = _bundle_ip(pg, 0), free_port()
     kind = {"SFTRank": "sft-rank", "RewardModelRank": "rm-rank"}.get(rank_cls.__name__, "rank")
     ranks = [start_named(Rank, f"{kind}-{r}", (r, lc.num_ranks, addr, port, *args), num_cpus=b.get("CPU", 0),
                          num_gpus=b.get("GPU", 0), runtime_env=env,
@@ -271,7 +272,7 @@ def start_actors(cfg: RunConfig, model_path: str, log: Callable[[str], None] = p
     start_engine, Learner = engine_factory(cfg, model_path, pg, bundles), ray.remote(LearnerRank)
     engines = EngineGroup([start_engine(i) for i in range(E)], factory=start_engine, rpc_timeout_s=cl.rpc_timeout_s,
                           max_failures=cl.max_engine_failures, log=log, stall_timeout_s=cl.engine_stall_s)
-    master_addr, master_port = _bundle_ip(pg, E), _free_port()
+    master_addr, master_port = _bundle_ip(pg, E), free_port()
     learners = LearnerGroup([start_named(Learner, f"learner-rank-{r}", (r, n, master_addr, master_port, model_path, cfg),
                                          **_actor_options(cfg, pg, bundles, E + r)) for r in range(n)],
                             rpc_timeout_s=cl.rpc_timeout_s)

@@ -47,10 +47,10 @@ from troupe.configs.schema import (
     ConfigError,
     RewardModelTrainConfig,
     RunConfig,
-    _format_errors,
-    _resolve_file,
     apply_overrides,
+    format_errors,
     read_yaml_mapping,
+    resolve_file,
 )
 
 __all__ = ["KINDS", "POLICY_KINDS", "PipelineConfig", "Stage", "is_pipeline", "load_pipeline", "stage_dir"]
@@ -162,7 +162,7 @@ def _validate(cls: type[BaseModel], raw: dict, source: str, label: str) -> Any:
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, f"{source}: {label}")) from None
+        raise ConfigError(format_errors(e, f"{source}: {label}")) from None
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
@@ -234,6 +234,6 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         for section, key, where in files:
             value = getattr(section, key, None)
             if value and not str(value).startswith(str(folder.resolve())):  # an earlier stage's file: not yet there
-                _resolve_file(path, section, key, f"{label}: {where}")
+                resolve_file(path, section, key, f"{label}: {where}")
         stages.append(Stage(index=i, kind=kind, name=sname, config=cfg, model_from_previous=from_previous))
     return PipelineConfig(name=name, output_dir=output_dir, source=source, stages=stages)

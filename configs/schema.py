@@ -769,7 +769,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str) -> str:
+    """A pydantic ValidationError as one message: ``source``, then one line per error naming the dotted key."""
     lines = [f"{source}: invalid run config ({err.error_count()} error(s)):"]
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
@@ -801,10 +802,10 @@ def _read(path: Path, overrides: list[str] | None, cls: type[BaseModel]) -> Any:
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(path))) from None
+        raise ConfigError(format_errors(e, str(path))) from None
 
 
-def _resolve_file(path: Path, section: Any, key: str, where: str, must_exist: bool = True) -> None:
+def resolve_file(path: Path, section: Any, key: str, where: str, must_exist: bool = True) -> None:
     """Make ``section.key`` absolute: relative to the config file's folder, else to the working directory;
     ConfigError naming ``where`` when the file does not exist (unless ``must_exist`` is False: a file an
     earlier command writes, checked when the run starts)."""
@@ -833,18 +834,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     path = Path(path)
     cfg = _read(path, overrides, RunConfig)
     for key in ("path", "eval_path") if cfg.data.source != "hf" else ("eval_path",):
-        _resolve_file(path, cfg.data, key, f"data.{key}")
+        resolve_file(path, cfg.data, key, f"data.{key}")
     if cfg.data.source == "hf":  # a hub name stays a name; a local data-set folder resolves like a file
         local = (path.resolve().parent / cfg.data.path) if not Path(cfg.data.path).is_absolute() else Path(cfg.data.path)
         if local.exists():
             cfg.data.path = str(local.resolve())
         for key in ("fallback_path", "fallback_eval_path"):  # checked when used
-            _resolve_file(path, cfg.data, key, f"data.{key}", must_exist=False)
+            resolve_file(path, cfg.data, key, f"data.{key}", must_exist=False)
     if cfg.rejection.general_sft is not None:
-        _resolve_file(path, cfg.rejection.general_sft, "path", "rejection.general_sft.path")
-    _resolve_file(path, cfg.sft, "path", "sft.path")
+        resolve_file(path, cfg.rejection.general_sft, "path", "rejection.general_sft.path")
+    resolve_file(path, cfg.sft, "path", "sft.path")
     if cfg.reward.iterative is not None:
-        _resolve_file(path, cfg.reward.iterative, "data", "reward.iterative.data", must_exist=False)
+        resolve_file(path, cfg.reward.iterative, "data", "reward.iterative.data", must_exist=False)
     return cfg
 
 
@@ -856,7 +857,7 @@ def load_rm_config(path: str | Path, overrides: list[str] | None = None) -> Rewa
     path = Path(path)
     cfg = _read(path, overrides, RewardModelTrainConfig)
     for key in ("path", "eval_path"):
-        _resolve_file(path, cfg.data, key, f"data.{key}")
+        resolve_file(path, cfg.data, key, f"data.{key}")
     return cfg
 
 

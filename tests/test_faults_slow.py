@@ -188,13 +188,20 @@ def test_engine_and_reward_worker_killed_mid_run(tmp_path):
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     """A policy loss that is NaN every step: each update is skipped and counted; after
-    cluster.max_nonfinite_steps in a row the run stops with exit 1 and says why."""
+    cluster.max_nonfinite_steps in a row the run stops and says why. Called as a library
+    (``troupe.cluster.runs.train``): it raises ``RunFailed`` naming the cause and the (absent) checkpoint."""
     import fault_plugins  # noqa: F401  (registers algo.policy_loss 'nan_loss' here; the ranks import it by name)
 
+    from troupe.cluster.prepare import load_task
+    from troupe.cluster.runs import RunFailed, train
+    from troupe.configs.schema import load_config
+
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
-    rc = main(["train", CONFIG, f"output_dir={tmp_path}", "name=nan", *BASE, "steps=4", "algo.policy_loss=nan_loss",
-               "cluster.max_nonfinite_steps=2", "learner.num_ranks=1"])
-    assert rc == 1
+    cfg = load_config(CONFIG, [f"output_dir={tmp_path}", "name=nan", *BASE, "steps=4", "algo.policy_loss=nan_loss",
+                               "cluster.max_nonfinite_steps=2", "learner.num_ranks=1"])
+    with pytest.raises(RunFailed, match="2 steps in a row had a non-finite loss") as failed:
+        train(cfg, *load_task(cfg))
+    assert failed.value.checkpoint is None and failed.value.run_dir == tmp_path / "nan"
     steps = _steps(tmp_path / "nan")
     assert sorted(steps) == [1]  # step 2's record is not written: the run stops inside it
     assert steps[1]["faults/nonfinite_steps"] == 1

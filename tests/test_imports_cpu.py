@@ -83,3 +83,20 @@ def test_layering():
             if extra:
                 bad.append(f"{path.relative_to(repo)} imports troupe.{', troupe.'.join(sorted(extra))}")
     assert not bad, "\n".join(bad)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """Library code imports only public names of other troupe modules (issue 24): a name that starts with
+    ``_`` is that module's business, and one used elsewhere gets a public name and a docstring."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    bad = []
+    for layer in ALLOWED:
+        for path in sorted((repo / layer).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("troupe."):
+                    bad += [f"{path.relative_to(repo)}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, bad
