@@ -42,8 +42,8 @@ def _texts(n: int) -> tuple[list[str], list[str]]:
 
 
 def _build(root: str) -> str:
-    from troupe.core.reward_model import load_reward_model, save_reward_model
     from troupe.learner.tiny_model import build_tiny_model
+    from troupe.reward.model import load_reward_model, save_reward_model
 
     prompts, completions = _texts(2000)
     lm = build_tiny_model(f"{root}/lm", [p + c for p, c in zip(prompts, completions)], hidden_size=128, num_layers=2,

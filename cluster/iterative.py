@@ -103,7 +103,7 @@ def fresh_pairs(groups: Sequence[Group], label: str, eos: Optional[str], per_gro
         [(chosen text, rejected text, None)].
     """
     from troupe.cluster.rm_pairs import choose_pairs
-    from troupe.core.reward_model import reward_text
+    from troupe.reward.model import reward_text
 
     out: list[Pair] = []
     for k, g in enumerate(groups):

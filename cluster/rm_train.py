@@ -31,7 +31,7 @@ MAX_STATS_TEXTS = 4096
 
 def scored_pair_texts(pairs: Sequence[Any], tokenizer: Any) -> list[tuple[str, str, Optional[float]]]:
     """(chosen text, rejected text, margin) per pair: ``reward_text(prompt, response, eos)``."""
-    from troupe.core.reward_model import reward_text
+    from troupe.reward.model import reward_text
     from troupe.rollout.preferences import pair_texts
 
     eos = tokenizer.eos_token
@@ -57,7 +57,7 @@ def _rewards(group: Any, texts: list[str]) -> list[float]:
 
 def reward_stats(group: Any, texts: list[str]) -> dict:
     """{"mean", "std" (sample), "count"} of the raw rewards of ``texts``: the ``reward_stats.json`` that
-    ``normalize`` reads (``troupe.core.reward_model.STATS_FILE``)."""
+    ``normalize`` reads (``troupe.reward.model.STATS_FILE``)."""
     r = _rewards(group, texts)
     mean = sum(r) / len(r)
     return {"mean": mean, "std": math.sqrt(sum((x - mean) ** 2 for x in r) / max(len(r) - 1, 1)), "count": len(r)}

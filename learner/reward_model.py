@@ -1,4 +1,4 @@
-"""The Bradley-Terry reward-model loss (pure maths; the model format is ``troupe.core.reward_model``).
+"""The Bradley-Terry reward-model loss (pure maths; the model format is ``troupe.reward.model``).
 
 ``-log sigmoid(r_chosen - r_rejected - margin)`` averaged over pairs (Bradley & Terry 1952;
 InstructGPT eq. 1; the optional margin term from Llama 2, sec. 3.2.2), computed as

@@ -2,7 +2,7 @@
 
 The same machinery as the GRPO learner (``troupe.learner.zero.ZeroRank``: process group, ZeRO
 engine, AdamW, checkpoints, gathered weight export); only the model (a scalar head,
-``troupe.core.reward_model``) and the loss differ.
+``troupe.reward.model``) and the loss differ.
 
 Split invariance, as in the GRPO learner: a step's loss is the MEAN over all the step's pairs
 (every rank, every micro-batch). Each micro-batch contributes ``sum of its pair losses / B``; DeepSpeed
@@ -20,9 +20,9 @@ from typing import Optional, Sequence
 import torch
 
 from troupe.configs.schema import RewardModelTrainConfig
-from troupe.core.reward_model import encode_texts, load_reward_model, sequence_rewards
 from troupe.learner.reward_model import bradley_terry_loss
 from troupe.learner.zero import ZeroRank
+from troupe.reward.model import encode_texts, load_reward_model, sequence_rewards
 
 __all__ = ["RewardModelRank"]
 
@@ -117,7 +117,7 @@ class RewardModelRank(ZeroRank):
 
     def save_hf(self, out_dir: str, tokenizer_dir: str, stats: Optional[dict] = None) -> Optional[str]:
         """Rank 0 writes the reward-model folder (``save_reward_model``); collective under ZeRO-3."""
-        from troupe.core.reward_model import save_reward_model
+        from troupe.reward.model import save_reward_model
 
         state = self.full_state_dict()
         if state is None:

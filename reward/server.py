@@ -16,7 +16,7 @@ otherwise). Endpoints are plain ``def``: FastAPI runs them in its thread pool, s
 does not block the event loop (:class:`troupe.reward.model.RewardModelScorer` serialises forwards).
 
 Same text as in-cluster scoring: :func:`query_scorer` scores each query as
-``reward_text(query, "", eos)`` (``troupe.core.reward_model``), i.e. exactly what
+``reward_text(query, "", eos)`` (``troupe.reward.model``), i.e. exactly what
 :class:`RewardModelScorer` scores for (prompt_text, completion) when ``query = prompt_text +
 completion``, so a sample gets the same reward through HTTP and in the cluster.
 

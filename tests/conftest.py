@@ -40,8 +40,8 @@ def ray_local():
 @pytest.fixture(scope="module")
 def rm_dir(tmp_path_factory) -> str:
     """A tiny reward-model folder (module docstring)."""
-    from troupe.core.reward_model import load_reward_model, save_reward_model
     from troupe.learner.tiny_model import build_tiny_model
+    from troupe.reward.model import load_reward_model, save_reward_model
 
     root = tmp_path_factory.mktemp("rm")
     corpus = ["What is 2+3? The answer is 5.", "Write a poem about the sea.", "<think>x</think><answer>7</answer>",

@@ -37,6 +37,16 @@ def test_core_modules_do_not_import_ray_vllm_deepspeed():
     assert _loaded_after_import(mods, HEAVY + ("transformers",)) == []
 
 
+def test_core_modules_load_nothing_heavy():
+    """core/ is records and pure helpers: no module of it loads torch, Ray, vLLM or DeepSpeed at import."""
+    from pathlib import Path
+
+    core = Path(__file__).resolve().parents[1] / "core"
+    mods = [f"troupe.core.{p.stem}" for p in sorted(core.glob("*.py")) if p.stem != "__init__"]
+    assert len(mods) >= 6
+    assert _loaded_after_import(mods, HEAVY + ("torch", "transformers")) == []
+
+
 def test_config_schema_does_not_import_torch():
     assert _loaded_after_import(["troupe.configs.schema"], HEAVY + ("torch",)) == []
 
@@ -55,7 +65,7 @@ ALLOWED = {
     "configs": set(),
     "rollout": {"core", "configs"},
     "reward": {"core", "configs"},
-    "learner": {"core", "configs"},
+    "learner": {"core", "configs", "reward"},
     "cluster": {"core", "configs", "rollout", "reward", "learner", "cluster"},
     "demo": {"core", "configs", "reward"},
 }

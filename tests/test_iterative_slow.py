@@ -30,8 +30,7 @@ def _group(uid: int) -> Group:
 
 
 def _expected(folder: str, g: Group) -> list[float]:
-    from troupe.core.reward_model import reward_text
-    from troupe.reward.model import RewardModelScorer
+    from troupe.reward.model import RewardModelScorer, reward_text
 
     scorer = RewardModelScorer(folder)
     return scorer.score_texts([reward_text(g.prompt.text, s.text, scorer.tokenizer.eos_token) for s in g.samples])
@@ -42,7 +41,7 @@ def other_rm(rm_dir, tmp_path_factory) -> str:
     """``rm_dir`` with other weights and other stats (a new version of the same model)."""
     import torch
 
-    from troupe.core.reward_model import load_reward_model, save_reward_model
+    from troupe.reward.model import load_reward_model, save_reward_model
 
     model = load_reward_model(rm_dir)
     gen = torch.Generator().manual_seed(7)
@@ -119,8 +118,7 @@ def test_grpo_retrains_its_reward_model_every_step(rm_dir, tmp_path):
     from safetensors.torch import load_file
 
     from troupe.cluster.cli import main
-    from troupe.core.reward_model import reward_text
-    from troupe.reward.model import RewardModelScorer
+    from troupe.reward.model import RewardModelScorer, reward_text
 
     ray = pytest.importorskip("ray")
     if ray.is_initialized():  # this test starts its own cluster, as `troupe train` does

@@ -1,4 +1,4 @@
-"""Reward-model maths and folders (core/reward_model.py, learner/reward_model.py, reward/model.py): by hand, no Ray.
+"""Reward-model maths and folders (reward/model.py, learner/reward_model.py): by hand, no Ray.
 
 The Bradley-Terry loss against hand values; the scalar head read at the last real token under
 left and right padding; texts truncated from the left; a causal-LM folder turned into a reward
@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from troupe.core.reward_model import (
+from troupe.learner.reward_model import bradley_terry_loss
+from troupe.reward.model import (
     STATS_FILE,
     encode_texts,
     last_token_index,
@@ -23,7 +24,6 @@ from troupe.core.reward_model import (
     save_reward_model,
     sequence_rewards,
 )
-from troupe.learner.reward_model import bradley_terry_loss
 
 
 def test_bradley_terry_loss_by_hand():

@@ -41,8 +41,7 @@ def _group(uid: int, task) -> Group:
 
 
 def _expected_rm(rm_dir: str, g: Group) -> list[float]:
-    from troupe.core.reward_model import reward_text
-    from troupe.reward.model import RewardModelScorer
+    from troupe.reward.model import RewardModelScorer, reward_text
 
     scorer = RewardModelScorer(rm_dir)
     return scorer.score_texts([reward_text(g.prompt.text, s.text, scorer.tokenizer.eos_token) for s in g.samples])

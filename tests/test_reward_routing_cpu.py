@@ -232,8 +232,7 @@ def test_worker_routes_groups_in_one_batch():
 
 
 def test_reward_set_scores_with_a_reward_model_on_the_templated_prompt(rm_dir):
-    from troupe.core.reward_model import reward_text
-    from troupe.reward.model import RewardModelScorer
+    from troupe.reward.model import RewardModelScorer, reward_text
 
     cfg = RewardConfig(functions=[_fn("good")], models=[RewardModelConfig(path=rm_dir, name="rm", weight=2.0,
                                                                           batch_size=2)])

@@ -68,8 +68,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def rm_dir(tmp_path_factory) -> str:
-    from troupe.core.reward_model import load_reward_model, save_reward_model
     from troupe.learner.tiny_model import build_tiny_model
+    from troupe.reward.model import load_reward_model, save_reward_model
 
     base = tmp_path_factory.mktemp("rm")
     lm = build_tiny_model(str(base / "lm"), CORPUS, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
