@@ -23,7 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 PROG = "troupe eval"
 
@@ -61,20 +61,21 @@ def find_run_config(checkpoint: Path) -> Optional[Path]:
     return None
 
 
-def main(argv: list[str]) -> int:
-    """Entry point of ``troupe eval``; returns the exit status."""
-    args = _parse(argv)
+class _Usage(Exception):
+    """A bad checkpoint, config or data set: the message is printed and ``troupe eval`` exits 2."""
+
+
+def _load(args) -> tuple[Path, Path, Any, list[dict], list[int]]:
+    """(checkpoint, config file, run config with the eval overrides, held-out rows, k values); _Usage if unusable."""
     from troupe.configs.schema import ConfigError, load_config
     from troupe.rollout.data import DataError, load_rows
 
     ckpt = Path(args.checkpoint)
     if not (ckpt / "config.json").is_file():
-        print(f"{PROG}: {ckpt} is not a model folder (no config.json)", file=sys.stderr)
-        return 2
+        raise _Usage(f"{ckpt} is not a model folder (no config.json)")
     config = Path(args.config) if args.config else find_run_config(ckpt)
     if config is None:
-        print(f"{PROG}: no config.yaml next to {ckpt}; give the run config with --config", file=sys.stderr)
-        return 2
+        raise _Usage(f"no config.yaml next to {ckpt}; give the run config with --config")
     ks = args.k or sorted({1, args.n})
     over = [*args.overrides, f"eval.n={args.n}", f"eval.k=[{','.join(map(str, ks))}]"]
     if args.temperature is not None:
@@ -90,11 +91,20 @@ def main(argv: list[str]) -> int:
 
             rows = load_task(cfg)[1]
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
+        raise _Usage(str(e)) from None
     rows = rows[:args.limit] if args.limit else rows
     if not rows:
-        print(f"{PROG}: no held-out rows to evaluate", file=sys.stderr)
+        raise _Usage("no held-out rows to evaluate")
+    return ckpt, config, cfg, rows, ks
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``troupe eval``; returns the exit status."""
+    args = _parse(argv)
+    try:
+        ckpt, config, cfg, rows, ks = _load(args)
+    except _Usage as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else ckpt / f"eval_n{args.n}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)

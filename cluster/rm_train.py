@@ -95,24 +95,14 @@ def _model_path(cfg: RewardModelTrainConfig, run_dir: Path, pairs: list[tuple[st
     return path
 
 
-def train_reward_model(cfg: RewardModelTrainConfig, address: Optional[str] = None,
-                       log: Callable[[str], None] = print) -> dict:
-    """Train, evaluate and save a Bradley-Terry reward model; returns the summary (also summary.json).
-
-    Raises:
-        troupe.rollout.data.DataError: a bad pair (file:line) or too few pairs.
-        troupe.core.rpc.ActorFailed / RemoteTimeout: a rank died or hung (names it).
-    """
-    from ray.util.placement_group import remove_placement_group
+def _pair_data(cfg: RewardModelTrainConfig, run_dir: Path, log: Callable[[str], None]) -> tuple[str, list, list]:
+    """The starting model folder and the (chosen, rejected, margin) texts of the training and held-out pairs.
+    Raises DataError: a bad pair (file:line) or fewer training pairs than a batch."""
     from transformers import AutoTokenizer
 
     from troupe.rollout.data import DataError
     from troupe.rollout.preferences import load_pairs, split_pairs
 
-    t_start = time.time()
-    run_dir = Path(cfg.output_dir).resolve() / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
     d = cfg.data
     fields = dict(prompt_field=d.prompt_field, chosen_field=d.chosen_field, rejected_field=d.rejected_field,
                   margin_field=d.margin_field)
@@ -132,10 +122,50 @@ def train_reward_model(cfg: RewardModelTrainConfig, address: Optional[str] = Non
     tok = AutoTokenizer.from_pretrained(model_path)
     train, held = scored_pair_texts(train_pairs, tok), scored_pair_texts(held_pairs, tok)
     log(f"pairs: {len(train)} train, {len(held)} held out ({d.path})")
+    return model_path, train, held
+
+
+def _epoch(group: Any, train: list, order: list[int], batch_size: int, step: int,
+           record: Callable[[dict], None]) -> tuple[int, dict]:
+    """One pass over ``train`` in ``order``, ``batch_size`` pairs a step on every rank; returns the last step
+    number and the pass's mean loss and accuracy ("train/loss", "train/accuracy")."""
+    sums, steps = {"loss": 0.0, "accuracy": 0.0}, len(order) // batch_size
+    for s in range(steps):
+        batch = [train[i] for i in order[s * batch_size:(s + 1) * batch_size]]
+        per_rank = group.call("train_step", batch)
+        step += 1
+        met = {"loss": sum(m["loss"] for m in per_rank),
+               **{k: sum(m[k] for m in per_rank) / len(per_rank) for k in ("accuracy", "margin", "learn_seconds")},
+               "grad_norm": per_rank[0]["grad_norm"], "lr": per_rank[0]["lr"]}
+        record({"step": step, **met})
+        sums["loss"] += met["loss"]
+        sums["accuracy"] += met["accuracy"]
+    return step, {f"train/{k}": v / max(steps, 1) for k, v in sums.items()}
+
+
+def _eval_line(ev: dict) -> str:
+    return (f"held-out accuracy {ev.get('eval/accuracy', float('nan')):.3f}, "
+            f"margin {ev.get('eval/margin', float('nan')):.3f}")
+
+
+def train_reward_model(cfg: RewardModelTrainConfig, address: Optional[str] = None,
+                       log: Callable[[str], None] = print) -> dict:
+    """Train, evaluate and save a Bradley-Terry reward model; returns the summary (also summary.json).
+
+    Raises:
+        troupe.rollout.data.DataError: a bad pair (file:line) or too few pairs.
+        troupe.core.rpc.ActorFailed / RemoteTimeout: a rank died or hung (names it).
+    """
+    from ray.util.placement_group import remove_placement_group
 
     from troupe.cluster.runtime import join_ray, start_zero_ranks
     from troupe.learner.rm_rank import RewardModelRank
 
+    t_start = time.time()
+    run_dir = Path(cfg.output_dir).resolve() / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    model_path, train, held = _pair_data(cfg, run_dir, log)
     join_ray(address or cfg.cluster.address, cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank)
     group, pg = None, None
     metrics_file = open(run_dir / "metrics.jsonl", "w")
@@ -150,36 +180,22 @@ def train_reward_model(cfg: RewardModelTrainConfig, address: Optional[str] = Non
         ev = evaluate_pairs(group, held)
         record({"epoch": 0, "step": 0, **ev})
         history = [{"epoch": 0, **ev}]
-        log(f"epoch 0: held-out accuracy {ev.get('eval/accuracy', float('nan')):.3f}, "
-            f"margin {ev.get('eval/margin', float('nan')):.3f}")
-        rng, B, step = random.Random(cfg.seed), cfg.train.batch_size, 0
+        log(f"epoch 0: {_eval_line(ev)}")
+        rng, step = random.Random(cfg.seed), 0
         for epoch in range(1, cfg.train.epochs + 1):
             order = list(range(len(train)))
             rng.shuffle(order)
-            t0, sums = time.time(), {"loss": 0.0, "accuracy": 0.0}
-            steps = len(order) // B
-            for s in range(steps):
-                batch = [train[i] for i in order[s * B:(s + 1) * B]]
-                per_rank = group.call("train_step", batch)
-                step += 1
-                met = {"loss": sum(m["loss"] for m in per_rank),
-                       **{k: sum(m[k] for m in per_rank) / len(per_rank) for k in ("accuracy", "margin", "learn_seconds")},
-                       "grad_norm": per_rank[0]["grad_norm"], "lr": per_rank[0]["lr"]}
-                record({"epoch": epoch, "step": step, **met})
-                sums["loss"] += met["loss"]
-                sums["accuracy"] += met["accuracy"]
+            t0, first = time.time(), step
+            step, means = _epoch(group, train, order, cfg.train.batch_size, step, lambda r: record({"epoch": epoch, **r}))
             ev = evaluate_pairs(group, held)
             record({"epoch": epoch, "step": step, **ev})
-            history.append({"epoch": epoch, "train/loss": sums["loss"] / max(steps, 1),
-                            "train/accuracy": sums["accuracy"] / max(steps, 1), **ev})
-            log(f"epoch {epoch}: train loss {sums['loss'] / max(steps, 1):.4f}, train accuracy "
-                f"{sums['accuracy'] / max(steps, 1):.3f}; held-out accuracy {ev.get('eval/accuracy', float('nan')):.3f}, "
-                f"margin {ev.get('eval/margin', float('nan')):.3f} ({time.time() - t0:.0f} s, {steps} steps)")
+            history.append({"epoch": epoch, **means, **ev})
+            log(f"epoch {epoch}: train loss {means['train/loss']:.4f}, train accuracy {means['train/accuracy']:.3f}; "
+                f"{_eval_line(ev)} ({time.time() - t0:.0f} s, {step - first} steps)")
         stats = reward_stats(group, [t for c, r, _ in train[:MAX_STATS_TEXTS // 2] for t in (c, r)])
-        mean, std = stats["mean"], stats["std"]
         out = str(run_dir / "model")
         group.call("save_hf", out, model_path, stats)
-        log(f"reward model written to {out} (training rewards: mean {mean:.3f}, std {std:.3f})")
+        log(f"reward model written to {out} (training rewards: mean {stats['mean']:.3f}, std {stats['std']:.3f})")
     finally:
         metrics_file.close()
         if group is not None:

@@ -304,6 +304,30 @@ def run_step(step: int, cfg: RunConfig, actors: Actors, sync: WeightSync, stream
     return record
 
 
+def _initial_state(cfg: RunConfig, run_dir: Path, actors: Actors, sync: WeightSync, stream: PromptStream,
+                   eval_prompts: list[Prompt], writer: MetricsWriter, say: Callable[[str], None], model_path: str,
+                   resume: Optional[Path]) -> RunState:
+    """The run state before the first step: restored from checkpoint ``resume`` (weights, stream, iterative
+    reward model), or new with the held-out evaluation of the starting policy (written as step 0)."""
+    if cfg.reward.iterative is not None and actors.iterative is None:
+        from troupe.cluster.iterative import IterativeRewardModel
+
+        actors.iterative = IterativeRewardModel(cfg, run_dir, say)
+    if resume is not None:
+        state = resume_from(resume, actors, sync, stream, eval_prompts, say)
+        if actors.iterative is not None and state.iterative:
+            actors.iterative.load_state_dict(state.iterative, actors.rewards)
+    else:
+        # absolute, so that --resume works from any working directory
+        local = Path(model_path).exists()
+        state = RunState(model_path=str(Path(model_path).resolve()) if local else model_path,
+                         run_dir=str(Path(run_dir).resolve()),
+                         eval_start=evaluate(actors, eval_prompts, cfg, run_dir / "eval_start.jsonl"))
+        writer.write({"step": 0, **state.eval_start})
+    say(f"start: held-out on {len(eval_prompts)} prompts: {eval_summary(state.eval_start)}")
+    return state
+
+
 def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prompt], pad_id: int,
           stream: PromptStream, say: Callable[[str], None] = print, *, model_path: str = "",
           resume: Optional[Path] = None) -> dict:
@@ -321,22 +345,7 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
                            run_name=run_dir.name, sinks=[RayMetrics(cfg.name).export])
     ahead: Optional[RolloutAhead] = None
     try:
-        if cfg.reward.iterative is not None and actors.iterative is None:
-            from troupe.cluster.iterative import IterativeRewardModel
-
-            actors.iterative = IterativeRewardModel(cfg, run_dir, say)
-        if resume is not None:
-            state = resume_from(resume, actors, sync, stream, eval_prompts, say)
-            if actors.iterative is not None and state.iterative:
-                actors.iterative.load_state_dict(state.iterative, actors.rewards)
-        else:
-            # absolute, so that --resume works from any working directory
-            local = Path(model_path).exists()
-            state = RunState(model_path=str(Path(model_path).resolve()) if local else model_path,
-                             run_dir=str(Path(run_dir).resolve()),
-                             eval_start=evaluate(actors, eval_prompts, cfg, run_dir / "eval_start.jsonl"))
-            writer.write({"step": 0, **state.eval_start})
-        say(f"start: held-out on {len(eval_prompts)} prompts: {eval_summary(state.eval_start)}")
+        state = _initial_state(cfg, run_dir, actors, sync, stream, eval_prompts, writer, say, model_path, resume)
         record: dict = {}
         if cfg.rollout.max_staleness and state.step < cfg.steps:
             ahead = RolloutAhead(lambda s: collect_groups(actors, stream, cfg, s), state.step + 1, cfg.steps,

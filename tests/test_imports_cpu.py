@@ -110,3 +110,34 @@ def test_no_private_name_is_imported_from_another_module():
                     bad += [f"{path.relative_to(repo)}:{node.lineno} {node.module}.{a.name}" for a in node.names
                             if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, bad
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def _code_lines(fn) -> int:
+    """Lines of a function from its first statement after the docstring to its end (issue 24's 60-line rule
+    counts code: docstrings give shapes, errors and sources, and are not what makes a function hard to read)."""
+    import ast
+
+    body = fn.body
+    has_doc = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)
+    if has_doc and len(body) == 1:
+        return 0
+    first = body[1] if has_doc else body[0]
+    start = min([first.lineno] + [d.lineno for d in getattr(first, "decorator_list", [])])
+    return fn.end_lineno - start + 1
+
+
+def test_no_library_function_is_over_60_lines_of_code():
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    long = []
+    for layer in ALLOWED:
+        for path in sorted((repo / layer).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(node) > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(repo)}:{node.lineno} {node.name} ({_code_lines(node)} lines)")
+    assert not long, long
