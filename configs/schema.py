@@ -406,6 +406,11 @@ class LearnerConfig(_Strict):
         return v
 
     torch_threads: int = Field(1, ge=1, le=256, description="CPU only: torch threads per rank.")
+    logits_chunk_tokens: int = Field(
+        1024, ge=0, le=2**20,
+        description="GRPO learner: response positions whose float32 log-softmax and entropy are computed at once "
+        "(troupe.learner.batch.chunked_response_logprobs; recomputed in backward), so a micro-batch never holds "
+        "float32 copies of all its logits (8 x 1,024 tokens x 151,936 vocabulary: 5 GB each). 0: one chunk.")
 
 
 class SyncConfig(_Strict):

@@ -118,6 +118,65 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len:
     return token_logprobs(logits[:, prompt_len - 1: prompt_len - 1 + T], input_ids[:, prompt_len:prompt_len + T], temperature)
 
 
+def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    return token_logprobs(logits, targets, temperature)
+
+
+def chunked_response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: int,
+                              temperature: float = 1.0, chunk_tokens: int = 1024,
+                              with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``response_logprobs`` (and the detached entropy) without a float32 copy of the whole micro-batch's logits.
+
+    Each row's T response positions are taken ``chunk_tokens`` at a time (views of the logits, no copy);
+    each chunk's float32 log-softmax is computed under ``torch.utils.checkpoint`` when the logits need a
+    gradient, so autograd keeps only the model's own logits (in the model's dtype) and recomputes a
+    chunk's float32 values in backward. The peak extra memory is a few float32 copies of one chunk ([chunk_tokens, V])
+    instead of about six of [B, T, V] (5 GB each for 8 x 1,024 tokens x 151,936 vocabulary: issue 26).
+    Each row's values are the same operations as the unchunked path (a row's log-softmax does not depend
+    on other rows), so results and gradients equal it bit for bit (tests/test_batch_cpu.py).
+
+    Args:
+        logits: [B, P+T, V] model output (any float dtype).
+        input_ids: [B, P+T].
+        prompt_len: P.
+        temperature: as ``token_logprobs``.
+        chunk_tokens: positions per chunk; 0: one chunk (today's unchunked computation).
+        with_entropy: also return the entropy of each position's distribution (no gradient).
+    Returns:
+        ([B, T] float32 log-probs, [B, T] float32 entropies or None), nats.
+    Raises:
+        ValueError: ``chunk_tokens`` < 0.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from troupe.learner.losses import entropy_from_logits
+
+    if chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens must be >= 0, got {chunk_tokens}")
+    B, T = input_ids.shape[0], input_ids.shape[1] - prompt_len
+    if not chunk_tokens:
+        z = logits[:, prompt_len - 1: prompt_len - 1 + T]
+        lp = token_logprobs(z, input_ids[:, prompt_len:prompt_len + T].to(logits.device), temperature)
+        if not with_entropy:
+            return lp, None
+        with torch.no_grad():
+            return lp, entropy_from_logits(z.float() / temperature)
+    targets = input_ids[:, prompt_len:prompt_len + T].to(logits.device)
+    lps, ents = [], []
+    for b in range(B):  # a row's [T, V] slice is a view (no copy); chunks of it along T are views too
+        for s in range(0, T, chunk_tokens):
+            zc, tc = logits[b, prompt_len - 1 + s: prompt_len - 1 + min(T, s + chunk_tokens)], targets[b, s:s + chunk_tokens]
+            grad = zc.requires_grad
+            lps.append(checkpoint(_chunk_logprobs, zc, tc, temperature, use_reentrant=False) if grad
+                       else _chunk_logprobs(zc, tc, temperature))
+            if with_entropy:
+                with torch.no_grad():
+                    ents.append(entropy_from_logits(zc.float() / temperature))
+    lp = torch.cat(lps).reshape(B, T) if lps else torch.zeros(B, T, device=logits.device)
+    ent = (torch.cat(ents).reshape(B, T) if ents else torch.zeros_like(lp)) if with_entropy else None
+    return lp, ent
+
+
 def trim_padding(b: TrainBatch) -> TrainBatch:
     """``b`` cut to its own longest prompt and response (the columns that are padding in every row dropped).
 

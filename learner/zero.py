@@ -47,7 +47,7 @@ from troupe.core.ds_ops import clear_stale_locks, use_venv_extensions_dir
 from troupe.core.types import TrainBatch
 from troupe.core.weights import WeightBucket, peak_rss, peak_rss_reset, plan_buckets, rss_bytes, trim_heap
 from troupe.learner import grpo
-from troupe.learner.batch import micro_batch_plan, response_logprobs, token_logprobs, trim_padding
+from troupe.learner.batch import chunked_response_logprobs, micro_batch_plan, token_logprobs, trim_padding
 from troupe.learner.losses import LossNorm, sequence_kl
 from troupe.learner.registry import LossInputs
 from troupe.learner.step import minibatch_norms, step_advantages
@@ -454,13 +454,8 @@ class LearnerRank(ZeroRank):
 
     def _forward_logprobs(self, model, b: TrainBatch, with_entropy: bool = False):
         out = model(input_ids=b.input_ids.to(self.engine.device), attention_mask=b.attention_mask.to(self.engine.device))
-        logits = out.logits
-        lp = response_logprobs(logits, b.input_ids.to(logits.device), b.prompt_len, self.rollout.temperature)
-        if not with_entropy:
-            return lp, None
-        T = b.response_len
-        lg = logits[:, b.prompt_len - 1: b.prompt_len - 1 + T].float().detach() / self.rollout.temperature
-        return lp, grpo.entropy_from_logits(lg)
+        return chunked_response_logprobs(out.logits, b.input_ids, b.prompt_len, self.rollout.temperature,
+                                         self.lc.logits_chunk_tokens, with_entropy)
 
     @torch.no_grad()
     def _logprobs(self, model, micros: list[list[tuple[torch.Tensor, TrainBatch]]], shard: TrainBatch) -> torch.Tensor:

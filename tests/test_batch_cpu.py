@@ -71,3 +71,75 @@ def test_minibatch_denominators_count_all_ranks():
     d = minibatch_norms(b.response_mask, num_ranks=2, mini_batches=2, mode="token_mean", max_len=4)
     # mini-batch 0 = rows {0,1} of rank 0 and rows {4,5} of rank 1; mini-batch 1 = {2,3} and {6,7}
     assert d == [LossNorm("token_mean", 7.0, 3.0, 4), LossNorm("token_mean", 5.0, 3.0, 4)]
+
+
+# ------------------------------------------------------------------ chunked log-probs and entropy (issue 26)
+
+
+def _unchunked(logits, ids, P, temp):
+    from troupe.learner.batch import response_logprobs
+    from troupe.learner.losses import entropy_from_logits
+
+    lp = response_logprobs(logits, ids, P, temp)
+    T = ids.shape[1] - P
+    ent = entropy_from_logits(logits[:, P - 1:P - 1 + T].float().detach() / temp)
+    return lp, ent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [0, 1, 7, 1024])
+def test_chunked_logprobs_and_entropy_equal_the_unchunked_ones_bit_for_bit(dtype, chunk):
+    from troupe.learner.batch import chunked_response_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    B, P, T, V, temp = 3, 4, 5, 37, 0.7
+    ids = torch.randint(0, V, (B, P + T), generator=g)
+    base = (3 * torch.randn(B, P + T, V, generator=g)).to(dtype)
+    weights = torch.randn(B, T, generator=g)
+    results = []
+    for fn in (lambda z: _unchunked(z, ids, P, temp),
+               lambda z: chunked_response_logprobs(z, ids, P, temp, chunk_tokens=chunk, with_entropy=True)):
+        z = base.clone().requires_grad_(True)
+        lp, ent = fn(z)
+        (lp * weights).sum().backward()
+        results.append((lp.detach(), ent, z.grad))
+    (lp0, ent0, grad0), (lp1, ent1, grad1) = results
+    assert lp1.shape == ent1.shape == (B, T) and lp1.dtype == torch.float32
+    assert torch.equal(lp0, lp1) and torch.equal(ent0, ent1) and torch.equal(grad0, grad1)
+    assert not ent1.requires_grad
+
+
+def test_chunked_logprobs_keep_no_float32_copy_of_the_logits_for_backward():
+    """Autograd keeps only the model's bfloat16 logits (views of them, and small per-position tensors): the
+    bytes saved for backward besides the logits are under a tenth of a float32 copy of the response logits;
+    the unchunked path keeps at least one."""
+    from troupe.learner.batch import chunked_response_logprobs
+
+    B, P, T, V = 2, 3, 64, 512
+    ids = torch.randint(0, V, (B, P + T))
+    logits = torch.randn(B, P + T, V).to(torch.bfloat16).requires_grad_(True)
+    f32_copy = B * T * V * 4
+
+    def saved_bytes(fn) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t):  # by storage: a view of the logits shares theirs and costs nothing
+            key = t.untyped_storage().data_ptr()
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        seen.pop(logits.untyped_storage().data_ptr(), None)
+        return sum(seen.values())
+
+    chunked = saved_bytes(lambda: chunked_response_logprobs(logits, ids, P, chunk_tokens=16)[0].sum())
+    whole = saved_bytes(lambda: _unchunked(logits, ids, P, 1.0)[0].sum())
+    assert chunked < f32_copy / 10 and f32_copy <= whole, (chunked, whole, f32_copy)
+
+
+def test_chunk_tokens_must_not_be_negative():
+    from troupe.learner.batch import chunked_response_logprobs
+
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        chunked_response_logprobs(torch.zeros(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), 1, chunk_tokens=-1)
