@@ -68,10 +68,13 @@ class LearnerGroup:
         """The rank actor handles (a copy; index = rank)."""
         return list(self._ranks)
 
-    def _wait(self, refs: list, what: str, fetch: Optional[list[bool]] = None) -> list:
-        """Every rank's result of ``what`` (``wait_all`` errors: ``ActorFailed``, ``RemoteTimeout``)."""
+    def _wait(self, refs: list, what: str, fetch: Optional[list[bool]] = None, timeout_s: Optional[float] = None) -> list:
+        """Every rank's result of ``what`` within ``timeout_s`` (a weight sync's ``sync.timeout_s``; default
+        ``rpc_timeout_s``; ``wait_all`` errors: ``ActorFailed``, ``RemoteTimeout``)."""
         names = [f"learner rank {r}" for r in range(len(self._ranks))]
-        return wait_all(refs, names, what, self.rpc_timeout_s, fetch)
+        if timeout_s is None:
+            return wait_all(refs, names, what, self.rpc_timeout_s, fetch)
+        return wait_all(refs, names, what, timeout_s, fetch, key="sync.timeout_s")
 
     def call(self, method: str, *args: Any, fetch: Optional[list[bool]] = None) -> list:
         """``method(*args)`` on every rank (each object put in the store once); every rank's result.
@@ -129,7 +132,7 @@ class LearnerGroup:
         each rank's ``sink.open(rank)`` result. The sink is pickled once into the object store."""
         return self.call("open_weight_sink", sink)
 
-    def send_weight_buckets(self, count: int, bucket_bytes: int) -> Iterator[dict]:
+    def send_weight_buckets(self, count: int, bucket_bytes: int, timeout_s: Optional[float] = None) -> Iterator[dict]:
         """Send buckets 0..count-1 of ``weight_buckets(bucket_bytes)``; yields each bucket's result once
         every rank is done with it, in order.
 
@@ -137,11 +140,11 @@ class LearnerGroup:
         the caller sees bucket i while the ranks already gather bucket i+1. Each item: {"descriptor":
         rank 0's ``sink.put`` result, "held_bytes": the most whole-parameter bytes any rank held
         during the gather, "seconds": rank 0's gather + put, "put_seconds": the put alone}. Raises ``ActorFailed`` naming the rank
-        that failed, ``RemoteTimeout``.
+        that failed, ``RemoteTimeout`` (each bucket within ``timeout_s``, default ``rpc_timeout_s``).
         """
         refs = [[r.send_weight_bucket.remote(i, bucket_bytes) for r in self._ranks] for i in range(count)]
         for i, bucket_refs in enumerate(refs):
-            out = self._wait(bucket_refs, f"weight bucket {i}")
+            out = self._wait(bucket_refs, f"weight bucket {i}", timeout_s=timeout_s)
             yield {"descriptor": out[0]["descriptor"], "held_bytes": max(o["held_bytes"] for o in out),
                    "seconds": out[0]["seconds"], "put_seconds": out[0]["put_seconds"]}
 

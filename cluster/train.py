@@ -337,7 +337,8 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
     ``troupe.core.rpc.ActorFailed`` / ``RemoteTimeout`` when a learner rank dies or a call hangs;
     ``RuntimeError`` after too many engine failures or non-finite steps in a row.
     """
-    sync = WeightSync(actors.learners, actors.engines, cfg.sync.strategy, actors.single_node(), cfg.sync.bucket_mb)
+    sync = WeightSync(actors.learners, actors.engines, cfg.sync.strategy, actors.single_node(), cfg.sync.bucket_mb,
+                      cfg.sync.timeout_s)
     if resume is not None:  # the metrics as they were at the checkpoint; later records are dropped
         shutil.copyfile(resume / "metrics.jsonl", run_dir / "metrics.jsonl")
     # metrics.jsonl, TensorBoard, W&B (cfg.wandb) and the Ray dashboard's gauges (troupe_<key>)

@@ -105,6 +105,8 @@ class SyncStrategy(ABC):
     def __init__(self, scratch_dir: str, learners: LearnerGroup, engines: EngineGroup) -> None:
         self.dir, self.learners, self.engines = scratch_dir, learners, engines
         self._kept: Optional[tuple[int, list[WeightBucket], list[Any]]] = None
+        self.timeout_s: float = learners.rpc_timeout_s
+        """Deadline of the strategy's own waits (``sync.timeout_s``; set by ``WeightSync``)."""
 
     def begin(self, version: int, buckets: list[WeightBucket]) -> None:
         """Before the buckets of ``version`` are sent: open this sync's sink on the learner ranks."""
@@ -345,7 +347,7 @@ class VllmNcclStrategy(SyncStrategy):
 
         from troupe.core.rpc import wait_all
 
-        t = self.learners.rpc_timeout_s
+        t = self.timeout_s  # the group forms within the sync's deadline (an NCCL rendezvous has none of its own)
         handles = self.engines.handles
         names = [f"engine {i}" for i in range(len(handles))]
         workers = [int(r.get("workers", 1)) for r in wait_all([h.ready.remote() for h in handles], names, "ready", t)]
@@ -359,7 +361,7 @@ class VllmNcclStrategy(SyncStrategy):
                                               packed_buffer_size_bytes=buffer_bytes, packed_num_buffers=2)
             refs.append(h.init_weight_transfer.remote(worker_init_payload(info)))
             offset += w
-        wait_all(refs, names, "init_weight_transfer (vllm_nccl)", t)
+        wait_all(refs, names, "init_weight_transfer (vllm_nccl)", t, key="sync.timeout_s")
         self._ready = True
 
     def sink(self, version: int, buckets: list[WeightBucket]) -> Any:
@@ -473,14 +475,19 @@ class WeightSync:
         single_node: whether all actors share a node (decides "auto").
         bucket_mb: ``sync.bucket_mb``, the bucket size in MiB (a decoder layer larger than that
             is a bucket of its own).
+        timeout_s: ``sync.timeout_s``, the deadline of every wait inside a sync (learner sends, engine
+            loads, the vllm_nccl group forming); None: the groups' ``rpc_timeout_s``.
     Raises:
-        ValueError: unknown strategy or ``bucket_mb`` <= 0, naming the config key.
+        ValueError: unknown strategy, ``bucket_mb`` or ``timeout_s`` <= 0, naming the config key.
     """
 
     def __init__(self, learners: LearnerGroup, engines: EngineGroup, strategy: str, single_node: bool,
-                 bucket_mb: float = 256.0) -> None:
+                 bucket_mb: float = 256.0, timeout_s: Optional[float] = None) -> None:
         if not bucket_mb > 0:
             raise ValueError(f"sync.bucket_mb must be > 0, got {bucket_mb}")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"sync.timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = timeout_s
         self.bucket_bytes = max(1, int(bucket_mb * 2**20))
         self.learners, self.engines = learners, engines
         self._buckets: Optional[list[WeightBucket]] = None
@@ -496,6 +503,7 @@ class WeightSync:
                 logger.info("removed %s/%s: the sync folder of a driver that is gone (killed?)", base, name)
         self.dir = tempfile.mkdtemp(prefix=f"troupe-sync-{os.getpid()}-", dir=base)
         self.strategy = cls(self.dir, learners, engines)
+        self.strategy.timeout_s = timeout_s if timeout_s is not None else learners.rpc_timeout_s
 
     def buckets(self) -> list[WeightBucket]:
         """The bucket layout (asked of learner rank 0 once, then cached)."""
@@ -528,7 +536,7 @@ class WeightSync:
             if not st.needs_descriptor:  # the engines receive by collective: they must be waiting already
                 for b in buckets:
                     yield lambda h, b=b: st.load(h, b, None)
-            for b, out in zip(buckets, self.learners.send_weight_buckets(len(buckets), self.bucket_bytes)):
+            for b, out in zip(buckets, self.learners.send_weight_buckets(len(buckets), self.bucket_bytes, self.timeout_s)):
                 descriptors.append(out["descriptor"])
                 facts["held"] = max(facts["held"], out["held_bytes"])
                 facts["rank0"] += out["seconds"]
@@ -540,7 +548,8 @@ class WeightSync:
 
         try:
             st.begin(version, buckets)
-            results = self.engines.load_weight_stream(version, calls(), _restore_new(st, version, buckets, descriptors))
+            results = self.engines.load_weight_stream(version, calls(), _restore_new(st, version, buckets, descriptors),
+                                                      self.timeout_s)
         except BaseException:
             st.discard(version, buckets, descriptors)
             raise

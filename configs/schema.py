@@ -426,6 +426,10 @@ class SyncConfig(_Strict):
         256.0, gt=0.0, le=1048576.0, description="Weight-sync bucket size in MiB: the learner gathers (ZeRO-3) and "
         "sends the weights this much at a time, whole decoder layers per bucket (a larger layer is a bucket alone), "
         "and the engines reload bucket i while the learner gathers bucket i+1.")
+    timeout_s: float = Field(
+        600.0, gt=0.0, le=86400.0, description="Deadline (s) of every wait inside one weight sync (learner sends, "
+        "engine loads, the vllm_nccl group forming): an NCCL broadcast has no timeout of its own, so an engine that "
+        "dies mid-sync is named after this long rather than after cluster.rpc_timeout_s.")
 
     @field_validator("strategy")
     @classmethod

@@ -19,12 +19,12 @@ from typing import Any, Optional, Sequence
 
 
 class RemoteTimeout(TimeoutError):
-    """A remote call did not finish within ``cluster.rpc_timeout_s``; ``names`` are the actors still running."""
+    """A remote call did not finish within its deadline (the config key ``key``, ``cluster.rpc_timeout_s`` unless
+    said); ``names`` are the actors still running, each once."""
 
-    def __init__(self, what: str, names: list[str], timeout_s: float) -> None:
-        self.what, self.names, self.timeout_s = what, names, timeout_s
-        super().__init__(f"timed out after {timeout_s:.0f} s (cluster.rpc_timeout_s) waiting for {what} on "
-                         f"{', '.join(names)}")
+    def __init__(self, what: str, names: list[str], timeout_s: float, key: str = "cluster.rpc_timeout_s") -> None:
+        self.what, self.names, self.timeout_s = what, list(dict.fromkeys(names)), timeout_s
+        super().__init__(f"timed out after {timeout_s:.0f} s ({key}) waiting for {what} on {', '.join(self.names)}")
 
 
 class ActorFailed(RuntimeError):
@@ -57,7 +57,7 @@ def _actor_gone() -> tuple[type, ...]:
 
 
 def wait_all(refs: Sequence[Any], names: Sequence[str], what: str, timeout_s: float,
-             fetch: Optional[Sequence[bool]] = None) -> list[Any]:
+             fetch: Optional[Sequence[bool]] = None, key: str = "cluster.rpc_timeout_s") -> list[Any]:
     """Results of ``refs`` (in order) once all are done.
 
     Args:
@@ -68,6 +68,7 @@ def wait_all(refs: Sequence[Any], names: Sequence[str], what: str, timeout_s: fl
         fetch: per ref, whether to fetch its value (default: all). A ref with ``False`` is only
             waited for and returned as the ref itself (a large value that someone else consumes);
             an error it holds is not seen here.
+        key: the config key that set ``timeout_s``, named in the timeout's message.
     Raises:
         ActorFailed: the first call found to have failed (actor death or an exception in the actor).
         RemoteTimeout: the deadline passed; lists the actors whose calls are unfinished.
@@ -80,7 +81,7 @@ def wait_all(refs: Sequence[Any], names: Sequence[str], what: str, timeout_s: fl
     while pending:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise RemoteTimeout(what, [names[index[r]] for r in pending], timeout_s)
+            raise RemoteTimeout(what, [names[index[r]] for r in pending], timeout_s, key)
         done, pending = ray.wait(pending, num_returns=1, timeout=min(left, 60.0), fetch_local=False)
         for ref in done:
             i = index[ref]

@@ -318,7 +318,7 @@ class EngineGroup:
         return self._check_versions(results, version)
 
     def load_weight_stream(self, version: int, calls: Iterable[Callable[[Any], Any]],
-                           reload: Callable[[Any], Any]) -> list[dict]:
+                           reload: Callable[[Any], Any], timeout_s: Optional[float] = None) -> list[dict]:
         """Every engine runs a stream of weight-update calls, submitted as the stream yields them; the
         engines' result is their last call's (``RolloutEngine.finish_weights``: ``{version, ...}``).
 
@@ -327,7 +327,8 @@ class EngineGroup:
         load bucket i while the caller's generator produces bucket i+1 (a Ray actor runs its calls in
         order). Once the stream is exhausted the group waits for everything. An engine that died on
         the way is replaced (``factory``) and brought to ``version`` whole by ``reload(handle) ->
-        ObjectRef`` (the new version's data are complete by then).
+        ObjectRef`` (the new version's data are complete by then). Every wait has the deadline ``timeout_s``
+        (default ``rpc_timeout_s``; ``sync.timeout_s`` in a run).
 
         Raises:
             ActorFailed: an exception inside an engine, a replacement that dies too, a death without
@@ -346,7 +347,9 @@ class EngineGroup:
         while pending:
             order = [(e, k) for e in sorted(pending) for k in range(len(pending[e]))]
             try:
-                done = wait_all([pending[e][k] for e, k in order], [names[e] for e, _ in order], what, self.rpc_timeout_s)
+                done = wait_all([pending[e][k] for e, k in order], [names[e] for e, _ in order], what,
+                                self.rpc_timeout_s if timeout_s is None else timeout_s,
+                                key="cluster.rpc_timeout_s" if timeout_s is None else "sync.timeout_s")
             except ActorFailed as err:
                 i = names.index(err.name)
                 if not err.died or i in retried:

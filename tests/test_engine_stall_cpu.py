@@ -84,3 +84,41 @@ def test_replacements_that_stall_too_stop_the_run(ray_local):
         assert made == [0] and len(logs) == 1  # one replacement, then the second stall stops it
     finally:
         group.shutdown()
+
+
+class _SyncEngine:
+    """Takes a weight update (``begin_weights`` .. ``finish_weights``), or (``hang``) never finishes one: an
+    NCCL broadcast whose other side died waits like this."""
+
+    def __init__(self, hang: bool) -> None:
+        self.hang = hang
+
+    def begin_weights(self, version: int) -> None:
+        while self.hang:
+            time.sleep(1.0)
+
+    def finish_weights(self, version: int) -> dict:
+        return {"version": version}
+
+    def ready(self) -> dict:
+        return {"version": 0}
+
+    def get_version(self) -> int:
+        return 0
+
+
+def test_a_weight_sync_that_never_finishes_is_named_after_the_sync_deadline(ray_local):
+    """sync.timeout_s (here 3 s) bounds the engines' weight-sync calls, not cluster.rpc_timeout_s (600 s)."""
+    from troupe.core.rpc import RemoteTimeout
+    from troupe.rollout.engines import EngineGroup
+
+    E = ray_local.remote(_SyncEngine).options(num_cpus=0)
+    group = EngineGroup([E.remote(False), E.remote(True)], rpc_timeout_s=600.0)
+    calls = [lambda h: h.begin_weights.remote(1), lambda h: h.finish_weights.remote(1)]
+    t0 = time.time()
+    try:
+        with pytest.raises(RemoteTimeout, match=r"after 3 s \(sync.timeout_s\) waiting for weight sync v1 on engine 1$"):
+            group.load_weight_stream(1, iter(calls), reload=lambda h: None, timeout_s=3.0)
+        assert time.time() - t0 < 60
+    finally:
+        group.shutdown()
