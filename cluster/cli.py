@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.cmd == "check":
         from troupe.cluster.models import check_model
+        from troupe.cluster.resources import print_report
         from troupe.reward.scoring import check_reward_config
+
+        print_report(cfg, getattr(args, "address", None))
 
         try:
             check_reward_config(cfg.reward)
