@@ -33,7 +33,7 @@ def _loaded_after_import(modules: list[str], banned: tuple[str, ...]) -> list[st
 def test_core_modules_do_not_import_ray_vllm_deepspeed():
     # the maths, the data types and the schema together; transformers is banned here too (grpo must
     # never import it, and types/schema are lighter still), one interpreter start for all of it.
-    mods = ["troupe.learner.grpo", "troupe.core.types", "troupe.configs.schema"]
+    mods = ["troupe.learner.grpo", "troupe.learner.gae", "troupe.core.types", "troupe.configs.schema"]
     assert _loaded_after_import(mods, HEAVY + ("transformers",)) == []
 
 
