@@ -230,7 +230,7 @@ def train_on_ray(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], 
         + f" ready in {timings['actor_start_seconds']:.0f} s")
     try:
         summary = train_loop(cfg, run_dir, actors, eval_prompts, tok.pad_token_id or 0, prompt_stream(prompts, cfg.seed),
-                             say, model_path=model_path, resume=resume.path if resume else None)
+                             model_path=model_path, resume=resume.path if resume else None)
     except RunStopped as e:
         say(f"{e}" + (f"; resume with: troupe train {config_path} --resume" if e.checkpoint else ""))
         raise

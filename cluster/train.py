@@ -36,7 +36,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from tqdm import tqdm
 
@@ -56,6 +56,7 @@ from troupe.rollout.prompts import PromptStream, sampling_seeds
 from troupe.rollout.staleness import split_stale, staleness_metrics
 
 log = logging.getLogger("troupe")
+say = log.info  # the run's log: stdout and run_dir/log.txt (troupe.cluster.runs.run_logger)
 
 # max |engine - learner| log-prob (nats) on a fixed sequence after a weight sync; above it the
 # loop warns. float32 measured ~1e-6, bfloat16 0.019 (tests/test_engine_slow.py).
@@ -171,7 +172,7 @@ def eval_summary(ev: dict) -> str:
     return "; ".join(parts) + (" (" + ", ".join(f"{k} {v:.3f}" for k, v in fns.items()) + ")" if fns else "")
 
 
-def sync_weights(actors: Actors, sync: WeightSync, version: int, probe: Group, cfg: RunConfig, say: Callable[[str], None]) -> dict:
+def sync_weights(actors: Actors, sync: WeightSync, version: int, probe: Group, cfg: RunConfig) -> dict:
     """Weights -> engines as ``version``, then the engine/learner log-prob check on ``probe``'s first sample."""
     out = sync.sync(version)
     out["time/sync"] = out["sync_seconds"]
@@ -229,7 +230,7 @@ class StopSignals:
 
 
 def save_checkpoint(cfg: RunConfig, run_dir: Path, actors: Actors, stream: PromptStream, state: RunState,
-                    say: Callable[[str], None], ahead: Optional[RolloutAhead] = None) -> Path:
+                    ahead: Optional[RolloutAhead] = None) -> Path:
     """A resumable checkpoint of the run as it is after ``state.step`` (troupe.cluster.checkpoint).
 
     Pipelined (``ahead``), the prompt stream is saved as it was before step ``state.step + 1``
@@ -245,8 +246,7 @@ def save_checkpoint(cfg: RunConfig, run_dir: Path, actors: Actors, stream: Promp
     return path
 
 
-def resume_from(path: Path, actors: Actors, sync: WeightSync, stream: PromptStream, eval_prompts: list[Prompt],
-                say: Callable[[str], None]) -> RunState:
+def resume_from(path: Path, actors: Actors, sync: WeightSync, stream: PromptStream, eval_prompts: list[Prompt]) -> RunState:
     """Restore learner ranks and prompt stream from checkpoint ``path``; the engines get its weights."""
     saved = checkpoint.load_state(path)
     actors.learners.load_checkpoint(str(path / "learner"))
@@ -260,7 +260,7 @@ def resume_from(path: Path, actors: Actors, sync: WeightSync, stream: PromptStre
 
 
 def run_step(step: int, cfg: RunConfig, actors: Actors, sync: WeightSync, stream: PromptStream, state: RunState,
-             eval_prompts: list[Prompt], pad_id: int, run_dir: Path, say: Callable[[str], None],
+             eval_prompts: list[Prompt], pad_id: int, run_dir: Path,
              ahead: Optional[RolloutAhead] = None) -> dict:
     """One GRPO step: rollout, learner update, weight sync, periodic eval / HF export. Returns its metrics.
 
@@ -288,7 +288,7 @@ def run_step(step: int, cfg: RunConfig, actors: Actors, sync: WeightSync, stream
     with ahead.paused() if ahead is not None else contextlib.nullcontext():
         if step % cfg.sync.every == 0 or step == cfg.steps:
             state.policy_version = step
-            record.update(sync_weights(actors, sync, step, groups[0], cfg, say))
+            record.update(sync_weights(actors, sync, step, groups[0], cfg))
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             record.update(evaluate(actors, eval_prompts, cfg))
         if ahead is not None:
@@ -305,7 +305,7 @@ def run_step(step: int, cfg: RunConfig, actors: Actors, sync: WeightSync, stream
 
 
 def _initial_state(cfg: RunConfig, run_dir: Path, actors: Actors, sync: WeightSync, stream: PromptStream,
-                   eval_prompts: list[Prompt], writer: MetricsWriter, say: Callable[[str], None], model_path: str,
+                   eval_prompts: list[Prompt], writer: MetricsWriter, model_path: str,
                    resume: Optional[Path]) -> RunState:
     """The run state before the first step: restored from checkpoint ``resume`` (weights, stream, iterative
     reward model), or new with the held-out evaluation of the starting policy (written as step 0)."""
@@ -314,7 +314,7 @@ def _initial_state(cfg: RunConfig, run_dir: Path, actors: Actors, sync: WeightSy
 
         actors.iterative = IterativeRewardModel(cfg, run_dir, say)
     if resume is not None:
-        state = resume_from(resume, actors, sync, stream, eval_prompts, say)
+        state = resume_from(resume, actors, sync, stream, eval_prompts)
         if actors.iterative is not None and state.iterative:
             actors.iterative.load_state_dict(state.iterative, actors.rewards)
     else:
@@ -329,7 +329,7 @@ def _initial_state(cfg: RunConfig, run_dir: Path, actors: Actors, sync: WeightSy
 
 
 def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prompt], pad_id: int,
-          stream: PromptStream, say: Callable[[str], None] = print, *, model_path: str = "",
+          stream: PromptStream, *, model_path: str = "",
           resume: Optional[Path] = None) -> dict:
     """Run GRPO steps up to ``cfg.steps`` (from checkpoint ``resume`` if given); returns the summary.
 
@@ -346,7 +346,7 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
                            run_name=run_dir.name, sinks=[RayMetrics(cfg.name).export])
     ahead: Optional[RolloutAhead] = None
     try:
-        state = _initial_state(cfg, run_dir, actors, sync, stream, eval_prompts, writer, say, model_path, resume)
+        state = _initial_state(cfg, run_dir, actors, sync, stream, eval_prompts, writer, model_path, resume)
         record: dict = {}
         if cfg.rollout.max_staleness and state.step < cfg.steps:
             ahead = RolloutAhead(lambda s: collect_groups(actors, stream, cfg, s), state.step + 1, cfg.steps,
@@ -356,15 +356,15 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
         t_start = time.time()
         with StopSignals() as stop:
             for step in bar:
-                record = run_step(step, cfg, actors, sync, stream, state, eval_prompts, pad_id, run_dir, say, ahead)
+                record = run_step(step, cfg, actors, sync, stream, state, eval_prompts, pad_id, run_dir, ahead)
                 writer.write(record)
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record.get('accuracy', float('nan')):.3f}",
                                 kl=f"{record.get('kl_ref', 0.0):.4f}", v=state.policy_version)
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                    save_checkpoint(cfg, run_dir, actors, stream, state, say, ahead)
+                    save_checkpoint(cfg, run_dir, actors, stream, state, ahead)
                 if stop.signum is not None:
                     raise RunStopped(stop.signum, step,
-                                     _stop_checkpoint(cfg, run_dir, actors, sync, stream, state, say, ahead))
+                                     _stop_checkpoint(cfg, run_dir, actors, sync, stream, state, ahead))
                 if cfg.time_budget_s is not None and time.time() - t_start >= cfg.time_budget_s and step < cfg.steps:
                     say(f"time budget of {cfg.time_budget_s:g} s used up after step {step} of {cfg.steps}")
                     with ahead.paused() if ahead is not None else contextlib.nullcontext():
@@ -388,7 +388,7 @@ def train(cfg: RunConfig, run_dir: Path, actors: Actors, eval_prompts: list[Prom
 
 
 def _stop_checkpoint(cfg: RunConfig, run_dir: Path, actors: Actors, sync: WeightSync, stream: PromptStream,
-                     state: RunState, say: Callable[[str], None], ahead: Optional[RolloutAhead] = None) -> Optional[Path]:
+                     state: RunState, ahead: Optional[RolloutAhead] = None) -> Optional[Path]:
     """The checkpoint a signal-stopped run leaves (None when checkpoints are off).
 
     Pipelined (``ahead``), the prefetched steps are not saved: their stream position is, and a
@@ -403,4 +403,4 @@ def _stop_checkpoint(cfg: RunConfig, run_dir: Path, actors: Actors, sync: Weight
         if state.policy_version != state.step:  # a checkpoint needs engines holding the learner's weights
             state.policy_version = state.step
             sync.sync(state.step)
-        return save_checkpoint(cfg, run_dir, actors, stream, state, say, ahead)
+        return save_checkpoint(cfg, run_dir, actors, stream, state, ahead)
