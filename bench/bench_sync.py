@@ -56,7 +56,7 @@ from troupe.learner.batch import collate_groups
 from troupe.learner.tiny_model import build_tiny_model
 from troupe.learner.zero import LearnerRank
 from troupe.rollout.engine import RolloutEngine
-from troupe.rollout.engines import EngineGroup
+from troupe.rollout.engine_group import EngineGroup
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden_size=1024, num_heads=8, num_kv_heads=2, intermediate_size=4096)

@@ -25,7 +25,7 @@ from troupe.core.threads import cpu_thread_env, overridden, threads_for_cpus
 from troupe.learner.zero import LearnerRank
 from troupe.reward.router import RewardRouter
 from troupe.rollout.engine import RolloutEngine
-from troupe.rollout.engines import EngineGroup
+from troupe.rollout.engine_group import EngineGroup
 
 
 def init_ray(cfg: RunConfig, address: str | None, dashboard: bool = False) -> None:

@@ -66,7 +66,7 @@ from typing import Any, Callable, ClassVar, Iterator, Optional
 
 from troupe.cluster.learners import LearnerGroup
 from troupe.core.weights import WeightBucket, layout_bytes, tensor_views, write_bucket, write_partitions
-from troupe.rollout.engines import EngineGroup
+from troupe.rollout.engine_group import EngineGroup
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :class:`RewardRouter` has the reward pool's interface (``submit(groups) -> ticket``,
 ``get(ticket) -> groups``, ``restarts``, ``shutdown``), which is what
-``troupe.rollout.engines.EngineGroup.generate`` uses, so the engines hand each generated chunk to
+``troupe.rollout.engine_group.EngineGroup.generate`` uses, so the engines hand each generated chunk to
 it and keep generating while it is scored. Behind it:
 
 * the **rules lane**: one ``troupe.reward.pool.RewardPool`` with the rule functions

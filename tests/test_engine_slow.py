@@ -113,7 +113,7 @@ class _Engines:
         self.start = engine_factory(cfg, model_dir, self.pg, self.bundles)
 
     def group(self, **kw):
-        from troupe.rollout.engines import EngineGroup
+        from troupe.rollout.engine_group import EngineGroup
 
         logs: list[str] = []
         g = EngineGroup([self.start(i) for i in range(len(self.bundles))], factory=self.start, log=logs.append, **kw)

@@ -30,7 +30,7 @@ class _Engine:
 
 
 def _group(ray, first_hangs: bool, replacements_hang: bool, **kw):
-    from troupe.rollout.engines import EngineGroup
+    from troupe.rollout.engine_group import EngineGroup
 
     E = ray.remote(_Engine).options(num_cpus=0)
     made, logs = [], []
@@ -63,7 +63,7 @@ def test_wedged_engine_is_replaced_and_its_chunks_resampled(ray_local):
 
 def test_stall_without_factory_raises_naming_the_engine(ray_local):
     from troupe.core.types import Sampling
-    from troupe.rollout.engines import EngineGroup, EngineStalled
+    from troupe.rollout.engine_group import EngineGroup, EngineStalled
 
     E = ray_local.remote(_Engine).options(num_cpus=0)
     group = EngineGroup([E.remote(True)], stall_timeout_s=2.0, rpc_timeout_s=600.0)
@@ -110,7 +110,7 @@ class _SyncEngine:
 def test_a_weight_sync_that_never_finishes_is_named_after_the_sync_deadline(ray_local):
     """sync.timeout_s (here 3 s) bounds the engines' weight-sync calls, not cluster.rpc_timeout_s (600 s)."""
     from troupe.core.rpc import RemoteTimeout
-    from troupe.rollout.engines import EngineGroup
+    from troupe.rollout.engine_group import EngineGroup
 
     E = ray_local.remote(_SyncEngine).options(num_cpus=0)
     group = EngineGroup([E.remote(False), E.remote(True)], rpc_timeout_s=600.0)

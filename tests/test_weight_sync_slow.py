@@ -48,7 +48,7 @@ def stack(ray_local, tmp_path_factory):
     from troupe.learner.tiny_model import build_tiny_model
     from troupe.learner.zero import LearnerRank
     from troupe.rollout.engine import RolloutEngine
-    from troupe.rollout.engines import EngineGroup
+    from troupe.rollout.engine_group import EngineGroup
 
     ray = ray_local
     model = build_tiny_model(str(tmp_path_factory.mktemp("sync") / "m"),
