@@ -160,14 +160,39 @@ class Actors:
 
 
 def _bundles(cfg: RunConfig) -> list[dict]:
-    """One placement-group bundle per engine, then one per learner rank."""
+    """One placement-group bundle per engine, then one per learner rank, then one per actor of each reward
+    model that asks for GPUs (``reward.models.N.num_gpus`` > 0, in config order): a GPU reward model outside
+    the group could find every GPU held by it, and its actors would wait forever (issue 26)."""
     gpu = cfg.device == "gpu"
     ro, lc = cfg.rollout, cfg.learner
     bundles = [{"CPU": ro.num_cpus_per_engine, **({"GPU": ro.num_gpus_per_engine} if gpu else {})}
                for _ in range(ro.num_engines)]
     bundles += [{"CPU": lc.num_cpus_per_rank, **({"GPU": lc.num_gpus_per_rank} if gpu else {})}
                 for _ in range(lc.num_ranks)]
+    bundles += [{"CPU": m.num_cpus, "GPU": m.num_gpus} for m in _gpu_reward_models(cfg) for _ in range(m.num_workers)]
     return [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
+
+
+def _gpu_reward_models(cfg: RunConfig) -> list:
+    """The reward models whose actors have bundles in the run's placement group (those with GPUs)."""
+    return [m for m in cfg.reward.models if m.num_gpus > 0] if cfg.device == "gpu" else []
+
+
+def reward_model_placement(cfg: RunConfig, pg) -> Callable[[str, int], dict]:
+    """``placement(model name, slot) -> Ray actor options``: a GPU reward model's actor ``slot`` in its bundle of
+    ``pg`` (after the engines' and the learner ranks', ``_bundles`` order); {} for a model without GPUs."""
+    first, index = cfg.rollout.num_engines + cfg.learner.num_ranks, {}
+    for m in _gpu_reward_models(cfg):
+        index[m.name] = first
+        first += m.num_workers
+
+    def placement(name: str, slot: int) -> dict:
+        if name not in index:
+            return {}
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                        placement_group_bundle_index=index[name] + slot)}
+
+    return placement
 
 
 def thread_env(kind: str, cfg: RunConfig) -> dict[str, str]:
@@ -253,7 +278,8 @@ def start_actors(cfg: RunConfig, model_path: str, log: Callable[[str], None] = p
     """Reserve a placement group and start engines, learner ranks and reward workers concurrently.
 
     Reward workers: a ``troupe.reward.router.RewardRouter`` (a rules lane for ``reward.functions``,
-    one lane of actors per reward model, each asking Ray for the model's ``num_cpus``/``num_gpus``).
+    one lane of actors per reward model, each asking Ray for the model's ``num_cpus``/``num_gpus``; a
+    model's actors with GPUs in their bundles of the placement group, ``reward_model_placement``).
 
     The engine group gets ``engine_factory`` to replace dead engines, ``cluster.rpc_timeout_s`` and
     ``cluster.max_engine_failures``; the learner group gets ``cluster.rpc_timeout_s``. ``log`` gets
@@ -276,7 +302,7 @@ def start_actors(cfg: RunConfig, model_path: str, log: Callable[[str], None] = p
     learners = LearnerGroup([start_named(Learner, f"learner-rank-{r}", (r, n, master_addr, master_port, model_path, cfg),
                                          **_actor_options(cfg, pg, bundles, E + r)) for r in range(n)],
                             rpc_timeout_s=cl.rpc_timeout_s)
-    rewards = RewardRouter(cfg.reward, ready_timeout_s=cl.rpc_timeout_s)
+    rewards = RewardRouter(cfg.reward, ready_timeout_s=cl.rpc_timeout_s, model_placement=reward_model_placement(cfg, pg))
     engines.ready()
     learners.ready()
     return Actors(engines, learners, rewards, pg)

@@ -211,7 +211,8 @@ class RewardModelConfig(_Strict):
                             "this many tokens.")
     num_workers: int = Field(1, ge=1, le=1024, description="Reward-model actors (each holds a copy).")
     num_cpus: float = Field(1.0, ge=0.0, description="Ray CPUs per reward-model actor.")
-    num_gpus: float = Field(0.0, ge=0.0, description="Ray GPUs per reward-model actor (1 on GPU clusters).")
+    num_gpus: float = Field(0.0, ge=0.0, description="Ray GPUs per reward-model actor (1 on GPU clusters); such "
+                            "actors get bundles in the run's placement group, after the engines' and learner ranks'.")
     timeout_s: float = Field(120.0, gt=0.0, le=3600.0, description="Seconds allowed to score one batch.")
     tasks: Optional[list[str]] = Field(
         None, description="Per-row routing: score only rows whose reward.route_by column is one of these.")

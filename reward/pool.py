@@ -48,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -241,6 +241,9 @@ class RewardPool:
             variables from its CPUs, not the shell's (variables set here win).
         wait_ready: block until every actor has loaded its functions (load errors surface
             here instead of at the first ``get``).
+        name: the actors' name prefix in the Ray dashboard (``{name}-{slot}``).
+        placement: ``slot -> extra Ray actor options`` for the actor of ``slot`` and its replacements
+            (e.g. a placement-group bundle); None: Ray places them.
     Raises:
         ValueError: a reward spec cannot be loaded or a model folder has no readable config.json
             (checked cheaply in the driver first unless a ``runtime_env`` is given,
@@ -268,6 +271,7 @@ class RewardPool:
         runtime_env: Optional[dict] = None,
         wait_ready: bool = True,
         name: str = "reward-worker",
+        placement: Optional[Callable[[int], dict]] = None,
     ) -> None:
         if not ray.is_initialized():
             raise RuntimeError("RewardPool needs Ray: call ray.init() first")
@@ -292,6 +296,7 @@ class RewardPool:
         options["runtime_env"] = with_thread_env(runtime_env, threads_for_cpus(cpus))
         self._actor_cls = ray.remote(**options)(RewardWorker)
         self._name = name
+        self._placement = placement
         self._workers = [self._new_worker(i) for i in range(cfg.num_workers)]
         self._inflight: list[list[ray.ObjectRef]] = [[] for _ in self._workers]
         # ref -> (worker slot, actor handle it went to, the groups), for resubmission
@@ -303,7 +308,8 @@ class RewardPool:
     def _new_worker(self, slot: int) -> Any:
         """A worker actor for ``slot``, named ``{name}-{slot}`` in the Ray dashboard."""
         return start_named(self._actor_cls, f"{self._name}-{slot}",
-                           (self._cfg, {name: v for name, (_, v) in self._models.items()}))
+                           (self._cfg, {name: v for name, (_, v) in self._models.items()}),
+                           **(self._placement(slot) if self._placement else {}))
 
     @property
     def num_workers(self) -> int:

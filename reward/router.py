@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import ray
 
@@ -85,6 +85,9 @@ class RewardRouter:
         max_task_retries: as ``RewardPool``'s.
         ready_timeout_s: with ``wait_ready``, the longest wait (s) for a lane's actors (None: no limit;
             runs pass ``cluster.rpc_timeout_s``).
+        model_placement: ``(model name, actor slot) -> extra Ray actor options`` for a reward model's
+            actors (runs place GPU reward models in their bundles of the run's placement group:
+            ``troupe.cluster.runtime.reward_model_placement``); None: Ray places them.
     Raises:
         ValueError: a rule function cannot be loaded, or a model folder has no readable
             ``config.json`` (checked in the driver without loading weights; the message names
@@ -111,6 +114,7 @@ class RewardRouter:
         wait_ready: bool = True,
         max_task_retries: int = 1,
         ready_timeout_s: Optional[float] = None,
+        model_placement: Optional[Callable[[str, int], dict]] = None,
     ) -> None:
         if not ray.is_initialized():
             raise RuntimeError("RewardRouter needs Ray: call ray.init() first")
@@ -128,8 +132,10 @@ class RewardRouter:
                 self._lanes.append(_Lane("rules", RewardPool(cfg.model_copy(update={"models": []}), **common), rules))
             for p in self._parts:
                 if p.is_model:
+                    place = (lambda slot, name=p.name: model_placement(name, slot)) if model_placement else None
                     self._lanes.append(_Lane(p.name, RewardPool(self._model_cfg(p), num_gpus_per_worker=p.spec.num_gpus,
-                                                                name=f"reward-model-{p.name}", **common), [p]))
+                                                                name=f"reward-model-{p.name}", placement=place,
+                                                                **common), [p]))
             if wait_ready:
                 self.wait_ready(ready_timeout_s)
         except BaseException:

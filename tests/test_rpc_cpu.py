@@ -116,3 +116,49 @@ def test_reward_model_lane_that_cannot_be_placed_times_out_by_name(ray_local, rm
     cfg = RewardConfig.model_validate({"functions": [], "models": [{"path": rm_dir, "name": "rm", "num_gpus": 1}]})
     with pytest.raises(TimeoutError, match=r"reward lane 'rm' .*not ready after 3 s \(cluster.rpc_timeout_s\).*num_gpus"):
         RewardRouter(cfg, ready_timeout_s=3.0)  # without the deadline this waits forever (pytest-timeout fails it)
+
+
+def test_a_gpu_reward_models_actors_have_bundles_in_the_runs_placement_group():
+    """device gpu: each actor of a reward model with GPUs gets a bundle after the engines' and the ranks'
+    (issue 26: outside the group it could find every GPU taken); a model without GPUs stays outside."""
+    from pathlib import Path
+
+    from troupe.cluster.runtime import _bundles, reward_model_placement
+    from troupe.configs.schema import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "arith_cpu.yaml", [
+        "device=gpu", "rollout.num_gpus_per_engine=1", "learner.num_gpus_per_rank=1", "learner.num_ranks=2",
+        "reward.models=[{path: a, name: big, num_gpus: 1, num_workers: 2, num_cpus: 2}, {path: b, name: small}]"])
+    bundles = _bundles(cfg)
+    assert bundles[3:] == [{"CPU": 2, "GPU": 1}] * 2 and len(bundles) == 5  # 1 engine, 2 ranks, 2 reward-model actors
+    place = reward_model_placement(cfg, pg=None)
+    assert [place("big", s)["scheduling_strategy"].placement_group_bundle_index for s in (0, 1)] == [3, 4]
+    assert place("small", 0) == {}
+
+
+def test_reward_model_actors_start_in_the_bundles_they_are_given(ray_local, rm_dir):
+    """RewardRouter's model_placement reaches the lane's actors: the actor runs in the placement group."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from troupe.configs.schema import RewardConfig
+    from troupe.reward.router import RewardRouter
+
+    pg = placement_group([{"CPU": 0.5}])
+    assert pg.wait(timeout_seconds=60)
+    cfg = RewardConfig.model_validate({"functions": [], "models": [{"path": rm_dir, "name": "rm", "num_cpus": 0.5}]})
+    seen = []
+
+    def place(name, slot):
+        seen.append((name, slot))
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=slot)}
+
+    router = RewardRouter(cfg, ready_timeout_s=120.0, model_placement=place)
+    try:
+        [lane] = router._lanes
+        [worker] = lane.pool._workers
+        pg_id = ray_local.get(worker.__ray_call__.remote(lambda self: __import__("ray").get_runtime_context().get_placement_group_id()))
+        assert seen == [("rm", 0)] and pg_id == pg.id.hex()
+    finally:
+        router.shutdown()
+        remove_placement_group(pg)
