@@ -52,10 +52,13 @@ def _results(record: dict) -> dict:
     return {k: v for k, v in record.items() if not any(t in k for t in TIMING) and k not in DIAGNOSTIC}
 
 
-def _start(tmp_path: Path, name: str, extra: list[str]) -> subprocess.Popen:
+def _start(tmp_path: Path, name: str, extra: list[str], paced: bool = False) -> subprocess.Popen:
+    """``troupe train`` in a subprocess; ``paced``: every length-reward call waits 1 s (tests/e2e_rewards.py), so
+    a run killed after a checkpoint is still running when the kill lands (its steps take 0.3 s unpaced)."""
     log = open(tmp_path / f"{name}.out", "w")
+    env = {**os.environ, **({"E2E_REWARD_DELAY_S": "1.0"} if paced else {})}
     return subprocess.Popen([sys.executable, "-m", "troupe.cluster.cli", "train", CONFIG, f"output_dir={tmp_path}",
-                             f"name={name}", *BASE, *extra], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                             f"name={name}", *BASE, *extra], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
 
 def _wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 900.0) -> None:
@@ -63,7 +66,7 @@ def _wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 900.0) -
     while not cond():
         assert proc.poll() is None, f"the run exited ({proc.returncode}) before {what}"
         assert time.time() - t0 < timeout, f"no {what} after {timeout} s"
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 def _actor_procs(driver: subprocess.Popen, title: str) -> list[psutil.Process]:
@@ -95,8 +98,9 @@ def test_resume_after_sigkill_of_the_driver(tmp_path, stage):
     whole = _steps(tmp_path / "whole")
 
     run_dir = tmp_path / "killed"
-    proc = _start(tmp_path, "killed", extra)
+    proc = _start(tmp_path, "killed", extra, paced=True)
     _wait_for(lambda: (run_dir / "resume" / "step_2" / "trainer_state.json").exists(), proc, "checkpoint step_2")
+    assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
     assert main(["train", CONFIG, f"output_dir={tmp_path}", "name=killed", *BASE, *extra, "--resume"]) == 0
@@ -148,7 +152,7 @@ def test_learner_rank_killed_stops_with_its_name_and_resumes(tmp_path):
     checkpoint, exits 1; --resume then completes the run."""
     extra = ["steps=4", "checkpoint.every=1"]
     run_dir = tmp_path / "rank"
-    proc = _start(tmp_path, "rank", extra)
+    proc = _start(tmp_path, "rank", extra, paced=True)
     _wait_for(lambda: (run_dir / "resume" / "step_2" / "trainer_state.json").exists(), proc, "checkpoint step_2")
     ranks = _actor_procs(proc, "ray::LearnerRank")
     assert len(ranks) == 2
@@ -167,7 +171,7 @@ def test_engine_and_reward_worker_killed_mid_run(tmp_path):
     """The engine and the reward worker, each killed with SIGKILL during the run: both are replaced, every
     step still trains on all its groups, the restarts are counted."""
     run_dir = tmp_path / "engine"
-    proc = _start(tmp_path, "engine", ["steps=6", "learner.num_ranks=1"])
+    proc = _start(tmp_path, "engine", ["steps=6", "learner.num_ranks=1"], paced=True)
     _wait_for(_has_step(run_dir, 1), proc, "step 1")
     [engine] = _actor_procs(proc, "ray::RolloutEngine")
     engine.kill()
