@@ -40,9 +40,7 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -113,10 +111,6 @@ def _pair_rng(seed: int, position: int) -> random.Random:
     return random.Random(f"{seed}:rm-pairs:{position}")  # str seeds hash with sha512: the same in every process
 
 
-def _interrupt(signum, _frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _prepare(args: argparse.Namespace) -> tuple[Any, str, list, int]:
     """(config, model folder, prompts, prompts dropped for length), everything checked before Ray starts
     (reward specs too); raises ConfigError / DataError / ValueError / OSError."""
@@ -158,15 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ValueError, OSError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    old_term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+    from troupe.cluster.runs import sigterm_as_interrupt
+
     try:
-        return _run(args, cfg, model, prompts, dropped)
+        with sigterm_as_interrupt():
+            return _run(args, cfg, model, prompts, dropped)
     except KeyboardInterrupt:
         print(f"{PROG}: stopped; {args.out} not written", file=sys.stderr)
         return 130
-    finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
 
 
 def _run(args: argparse.Namespace, cfg: Any, model: str, prompts: list, dropped: int) -> int:

@@ -118,10 +118,6 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len:
     return token_logprobs(logits[:, prompt_len - 1: prompt_len - 1 + T], input_ids[:, prompt_len:prompt_len + T], temperature)
 
 
-def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    return token_logprobs(logits, targets, temperature)
-
-
 def chunked_response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: int,
                               temperature: float = 1.0, chunk_tokens: int = 1024,
                               with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,8 +163,8 @@ def chunked_response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, pro
         for s in range(0, T, chunk_tokens):
             zc, tc = logits[b, prompt_len - 1 + s: prompt_len - 1 + min(T, s + chunk_tokens)], targets[b, s:s + chunk_tokens]
             grad = zc.requires_grad
-            lps.append(checkpoint(_chunk_logprobs, zc, tc, temperature, use_reentrant=False) if grad
-                       else _chunk_logprobs(zc, tc, temperature))
+            lps.append(checkpoint(token_logprobs, zc, tc, temperature, use_reentrant=False) if grad
+                       else token_logprobs(zc, tc, temperature))
             if with_entropy:
                 with torch.no_grad():
                     ents.append(entropy_from_logits(zc.float() / temperature))
