@@ -53,10 +53,14 @@ def _results(record: dict) -> dict:
 
 
 def _start(tmp_path: Path, name: str, extra: list[str], paced: bool = False) -> subprocess.Popen:
-    """``troupe train`` in a subprocess; ``paced``: every length-reward call waits 1 s (tests/e2e_rewards.py), so
-    a run killed after a checkpoint is still running when the kill lands (its steps take 0.3 s unpaced)."""
+    """``troupe train`` in a subprocess, on an embedded Ray cluster of its own (not the session's head,
+    tests/conftest.py): the test finds its actors among the driver's descendants, and its workers inherit
+    this environment. ``paced``: every length-reward call waits 0.25 s (tests/e2e_rewards.py; a step makes
+    several), so a run killed after a checkpoint is still running when the kill lands (the test polls every
+    0.1 s; the remaining steps take 0.3 s each unpaced, over 1 s paced)."""
     log = open(tmp_path / f"{name}.out", "w")
-    env = {**os.environ, **({"E2E_REWARD_DELAY_S": "1.0"} if paced else {})}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"E2E_REWARD_DELAY_S": "0.25"} if paced else {})
     return subprocess.Popen([sys.executable, "-m", "troupe.cluster.cli", "train", CONFIG, f"output_dir={tmp_path}",
                              f"name={name}", *BASE, *extra], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
@@ -89,11 +93,32 @@ def _has_step(run_dir: Path, step: int):
 # (``replay_adam_step_product``; without it the learner's numbers drifted by ~1e-7 relative).
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_resume_after_sigkill_of_the_driver(tmp_path, stage):
-    """float32, fixed seed: killed with SIGKILL after the step-2 checkpoint and resumed, the run writes the
-    same metrics as the uninterrupted run for every step, bit for bit (rollout and learner numbers)."""
-    extra = ["steps=5", "checkpoint.every=2", f"learner.zero_stage={stage}", "algo.kl_coef=0.01"]
+# extra overrides of the killed-and-resumed runs: checkpoints at steps 2 and 4, KL on (the reference's
+# numbers are in the checkpoint too)
+RESUMED = ["steps=5", "checkpoint.every=2", "algo.kl_coef=0.01"]
+
+
+def _assert_resumed_bit_for_bit(whole: dict[int, dict], run_dir: Path) -> None:
+    """The run killed after its step-2 checkpoint and resumed wrote the same metrics as the uninterrupted run
+    ``whole`` for every step, bit for bit (rollout and learner numbers), and its own checkpoints."""
+    resumed = _steps(run_dir)
+    assert sorted(resumed) == [1, 2, 3, 4, 5]  # records written after the checkpoint by the killed run are gone
+    assert all(whole[s]["grad_norm"] > 0 for s in whole)
+    assert {"reward_mean", "loss", "grad_norm", "kl_ref", "entropy", "response_len_mean"} <= set(_results(whole[3]))
+    assert any(whole[s]["kl_ref"] != whole[s + 1]["kl_ref"] for s in (3, 4))  # the learner moved after the resume
+    for s in (1, 2, 3, 4, 5):
+        assert _results(resumed[s]) == _results(whole[s]), f"step {s} differs after resume"
+    assert all(resumed[s]["sync/logprob_max_diff"] < 1e-5 for s in resumed)
+    assert "resumed from" in (run_dir / "log.txt").read_text()
+    # keep_last 2 (default): the checkpoints of steps 2 and 4
+    assert sorted(p.name for p in (run_dir / "resume").iterdir()) == ["step_2", "step_4"]
+
+
+def test_resume_after_sigkill_of_the_driver(tmp_path):
+    """float32, fixed seed, ZeRO-3: killed with SIGKILL after the step-2 checkpoint and resumed, the run writes
+    the same metrics as the uninterrupted run for every step, bit for bit. ZeRO-2's bit-exact resume is
+    shown by the learner-rank test below (a killed rank instead of a killed driver)."""
+    extra = [*RESUMED, "learner.zero_stage=3"]
     assert main(["train", CONFIG, f"output_dir={tmp_path}", "name=whole", *BASE, *extra]) == 0
     whole = _steps(tmp_path / "whole")
 
@@ -104,17 +129,7 @@ def test_resume_after_sigkill_of_the_driver(tmp_path, stage):
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
     assert main(["train", CONFIG, f"output_dir={tmp_path}", "name=killed", *BASE, *extra, "--resume"]) == 0
-    resumed = _steps(run_dir)
-    assert sorted(resumed) == [1, 2, 3, 4, 5]  # records written after the checkpoint by the killed driver are gone
-    assert all(whole[s]["grad_norm"] > 0 for s in whole)
-    assert {"reward_mean", "loss", "grad_norm", "kl_ref", "entropy", "response_len_mean"} <= set(_results(whole[3]))
-    assert any(whole[s]["kl_ref"] != whole[s + 1]["kl_ref"] for s in (3, 4))  # the learner moved after the resume
-    for s in (1, 2, 3, 4, 5):
-        assert _results(resumed[s]) == _results(whole[s]), f"step {s} differs after resume"
-    assert all(resumed[s]["sync/logprob_max_diff"] < 1e-5 for s in resumed)
-    assert "resumed from" in (run_dir / "log.txt").read_text()
-    # keep_last 2 (default): the checkpoints of steps 2 and 4
-    assert sorted(p.name for p in (run_dir / "resume").iterdir()) == ["step_2", "step_4"]
+    _assert_resumed_bit_for_bit(whole, run_dir)
 
 
 def test_sigint_checkpoints_and_leaves_nothing_behind(tmp_path):
@@ -148,11 +163,14 @@ def test_sigint_checkpoints_and_leaves_nothing_behind(tmp_path):
 
 
 def test_learner_rank_killed_stops_with_its_name_and_resumes(tmp_path):
-    """A learner rank killed with SIGKILL: the run stops within a bounded time, names the rank and the last
-    checkpoint, exits 1; --resume then completes the run."""
-    extra = ["steps=4", "checkpoint.every=1"]
+    """A learner rank killed with SIGKILL after the step-2 checkpoint (ZeRO-2): the run stops within a bounded
+    time, names the rank and the last checkpoint, exits 1; --resume then completes the run with the same
+    metrics as the uninterrupted run, bit for bit."""
+    assert main(["train", CONFIG, f"output_dir={tmp_path}", "name=whole", *BASE, *RESUMED]) == 0
+    whole = _steps(tmp_path / "whole")
+
     run_dir = tmp_path / "rank"
-    proc = _start(tmp_path, "rank", extra, paced=True)
+    proc = _start(tmp_path, "rank", RESUMED, paced=True)
     _wait_for(lambda: (run_dir / "resume" / "step_2" / "trainer_state.json").exists(), proc, "checkpoint step_2")
     ranks = _actor_procs(proc, "ray::LearnerRank")
     assert len(ranks) == 2
@@ -163,8 +181,8 @@ def test_learner_rank_killed_stops_with_its_name_and_resumes(tmp_path):
     log = (run_dir / "log.txt").read_text()
     assert "learner rank" in log and "run failed" in log
     assert "last complete checkpoint" in log and "--resume" in log
-    assert main(["train", CONFIG, f"output_dir={tmp_path}", "name=rank", *BASE, *extra, "--resume"]) == 0
-    assert sorted(_steps(run_dir)) == [1, 2, 3, 4]
+    assert main(["train", CONFIG, f"output_dir={tmp_path}", "name=rank", *BASE, *RESUMED, "--resume"]) == 0
+    _assert_resumed_bit_for_bit(whole, run_dir)
 
 
 def test_engine_and_reward_worker_killed_mid_run(tmp_path):

@@ -13,8 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,12 +21,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from ray_head import RAY, Head, marked_pids
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the venv: its python has troupe installed, its ray is Ray 2.60
-RAY = str(VENV_BIN / "ray")
 # small and quick (tests/test_e2e_slow.py's TINY, one rank, no SFT, 2 steps)
 TINY = [
     "sft.enabled=false", "steps=2", "eval_every=0", "data.num_eval=8", "data.options.num_train=512",
@@ -36,17 +34,6 @@ TINY = [
     "learner.micro_batch_size=4", "learner.num_ranks=1", "learner.num_cpus_per_rank=0.5",
     "rollout.num_cpus_per_engine=1", "learner.lr=0.001",
 ]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _base_env(**extra: str) -> dict:
@@ -57,70 +44,6 @@ def _base_env(**extra: str) -> dict:
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # as `source .venv/bin/activate` does
     env.update(extra)
     return env
-
-
-def _marked_pids(marker: str) -> list[int]:
-    """Processes whose environment holds ``TROUPE_TEST_HEAD=marker``: this head's and nothing else."""
-    needle = f"TROUPE_TEST_HEAD={marker}".encode()
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if needle in (d / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
-class Head:
-    """``ray start --head --block`` on this machine with free ports; ``stop()`` leaves nothing behind."""
-
-    def __init__(self, root: Path, env: dict, num_cpus: int, temp_dir: Path | None):
-        self.marker = uuid.uuid4().hex
-        self.env = dict(env, TROUPE_TEST_HEAD=self.marker)
-        gcs, self.dashboard_port, client, agent, agent_grpc, runtime_env, metrics = _free_ports(7)
-        self.log = root / "head.log"
-        cmd = [RAY, "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
-               "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-               "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-               "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
-               "--metrics-export-port", str(metrics), "--num-cpus", str(num_cpus)]
-        if temp_dir is not None:
-            cmd += ["--temp-dir", str(temp_dir)]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=root, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
-
-    def wait_started(self, timeout: float = 120.0) -> None:
-        deadline = time.time() + timeout
-        while "Ray runtime started" not in self.log.read_text(errors="replace"):
-            assert self.proc.poll() is None, f"ray start exited with {self.proc.returncode}:\n{self.log.read_text()}"
-            assert time.time() < deadline, f"ray start did not start in {timeout} s:\n{self.log.read_text()}"
-            time.sleep(0.5)
-
-    def stop(self) -> list[int]:
-        """Terminate the ``--block`` process (Ray then stops this node); returns the pids left after 60 s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        deadline = time.time() + 60
-        while (left := _marked_pids(self.marker)) and time.time() < deadline:
-            time.sleep(1)
-        for pid in left:  # only this head's processes carry the marker
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return left
 
 
 @pytest.fixture
@@ -243,6 +166,6 @@ ray.shutdown()
     _, cpus, gcs = line.split()
     assert float(cpus) >= 2 and gcs != stale  # a new cluster, sized for the run (not the 1-CPU head)
     deadline = time.time() + 60
-    while _marked_pids(marker) and time.time() < deadline:
+    while marked_pids(marker) and time.time() < deadline:
         time.sleep(1)
-    assert not _marked_pids(marker)
+    assert not marked_pids(marker)
