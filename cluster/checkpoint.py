@@ -59,12 +59,14 @@ def latest(root: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def save(root: Path, step: int, learners, state: dict, cfg: RunConfig, metrics: Path, keep_last: int) -> Path:
+def save(root: Path, step: int, learners, state: dict, cfg: RunConfig, metrics: Path, keep_last: int,
+         critic=None) -> Path:
     """Write checkpoint ``step_<step>`` atomically and keep only the newest ``keep_last``.
 
     Args:
         root: the checkpoint root (created if missing).
-        learners: the learner group (``save_checkpoint(dir)`` on every rank).
+        learners: the learner group (``save_checkpoint(dir)`` on every rank), under ``learner/``.
+        critic: PPO's critic group (its ranks' full state under ``critic/``), or None.
         state: the driver's state (JSON-serialisable): step, policy version, stream, faults...
         metrics: the run's metrics.jsonl, copied as it is now.
     Returns the checkpoint folder.
@@ -76,6 +78,8 @@ def save(root: Path, step: int, learners, state: dict, cfg: RunConfig, metrics: 
     tmp, final = root / f".tmp-step_{step}", root / f"step_{step}"
     tmp.mkdir()
     learners.save_checkpoint(str(tmp / "learner"))
+    if critic is not None:
+        critic.save_checkpoint(str(tmp / "critic"))
     shutil.copyfile(metrics, tmp / "metrics.jsonl")
     (tmp / "config.yaml").write_text(dump_config(cfg))
     _write_synced(tmp / STATE_FILE, json.dumps({"format": FORMAT, **state}))

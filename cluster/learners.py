@@ -50,15 +50,17 @@ class LearnerGroup:
     Args:
         ranks: the rank actor handles, rank 0 first.
         rpc_timeout_s: longest wait for one call on all ranks (``cluster.rpc_timeout_s``).
+        kind: how errors name a rank ("learner rank 1"; PPO's critic: "critic rank").
     Raises:
         ValueError: no ranks.
     """
 
-    def __init__(self, ranks: list, rpc_timeout_s: float = 3600.0) -> None:
+    def __init__(self, ranks: list, rpc_timeout_s: float = 3600.0, kind: str = "learner rank") -> None:
         if not ranks:
             raise ValueError("LearnerGroup: no learner ranks")
         self._ranks = list(ranks)
         self.rpc_timeout_s = rpc_timeout_s
+        self.kind = kind
 
     def __len__(self) -> int:
         return len(self._ranks)
@@ -71,7 +73,7 @@ class LearnerGroup:
     def _wait(self, refs: list, what: str, fetch: Optional[list[bool]] = None, timeout_s: Optional[float] = None) -> list:
         """Every rank's result of ``what`` within ``timeout_s`` (a weight sync's ``sync.timeout_s``; default
         ``rpc_timeout_s``; ``wait_all`` errors: ``ActorFailed``, ``RemoteTimeout``)."""
-        names = [f"learner rank {r}" for r in range(len(self._ranks))]
+        names = [f"{self.kind} {r}" for r in range(len(self._ranks))]
         if timeout_s is None:
             return wait_all(refs, names, what, self.rpc_timeout_s, fetch)
         return wait_all(refs, names, what, timeout_s, fetch, key="sync.timeout_s")
@@ -88,17 +90,22 @@ class LearnerGroup:
         """Block until every rank has initialised; each rank's ``ready()`` facts."""
         return self._wait([r.ready.remote() for r in self._ranks], "ready")
 
-    def train_step(self, batch: TrainBatch) -> dict:
-        """One step on every rank (``LearnerRank.train_step``); metrics averaged over ranks, plus
-        ``time/learn/rank_{r}`` (each rank's ``learn_seconds``).
+    def train_step(self, batch: TrainBatch, *args: Any) -> dict:
+        """One step on every rank (``*.train_step(batch, *args)``); metrics averaged over ranks, plus
+        ``time/learn/rank_{r}`` (each rank's ``learn_seconds``); a value that is not a number (a tensor such as
+        the policy's "critic/returns", from rank 0) is passed through as the rank returned it.
 
         The batch is put in the object store once, or passed by value when it is small and has no
         step-reward lists (module docstring)."""
         arg = batch if inline_batch(batch) else ray.put(batch)
-        per_rank = self._wait([r.train_step.remote(arg) for r in self._ranks], "train_step")
+        per_rank = self._wait([r.train_step.remote(arg, *args) for r in self._ranks], "train_step")
+        tensors = {}  # values that are not numbers pass through (rank 0's "critic/returns")
+        for m in per_rank:
+            for k in [k for k, v in m.items() if not isinstance(v, (int, float))]:
+                tensors[k] = m.pop(k)
         # each rank's own learn time (s): the slowest sets the step, the others wait at its collectives
         return {**mean_dicts(per_rank), **{f"time/learn/rank_{r}": m["learn_seconds"]
-                                           for r, m in enumerate(per_rank) if "learn_seconds" in m}}
+                                           for r, m in enumerate(per_rank) if "learn_seconds" in m}, **tensors}
 
     def set_algo(self, algo: AlgoConfig) -> None:
         """Switch every rank's algorithm section (between steps)."""

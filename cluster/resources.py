@@ -61,6 +61,9 @@ def demands(cfg: RunConfig) -> list[ActorDemand]:
     ro, lc, rw = cfg.rollout, cfg.learner, cfg.reward
     out = [ActorDemand("engine", ro.num_engines, ro.num_cpus_per_engine, ro.num_gpus_per_engine if gpu else 0.0, True),
            ActorDemand("learner rank", lc.num_ranks, lc.num_cpus_per_rank, lc.num_gpus_per_rank if gpu else 0.0, True)]
+    if cfg.critic is not None:
+        c = cfg.critic
+        out.append(ActorDemand("critic rank", c.num_ranks, c.num_cpus_per_rank, c.num_gpus_per_rank if gpu else 0.0, True))
     if rw.functions:
         out.append(ActorDemand("reward worker", rw.num_workers, rw.num_cpus_per_worker, 0.0, False))
     out += [ActorDemand(f"reward model {m.name}", m.num_workers, m.num_cpus, m.num_gpus, False) for m in rw.models]

@@ -224,8 +224,9 @@ def train_on_ray(cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], 
         say(f"actors failed to start: {e}")
         raise RunFailed(f"actors failed to start: {e}", run_dir) from e
     timings["actor_start_seconds"] = time.time() - t1
+    critic = f"{cfg.critic.num_ranks} critic rank(s) (ZeRO-{cfg.critic.zero_stage}), " if cfg.critic else ""
     say(f"{cfg.rollout.num_engines} engine(s), {cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage}), "
-        f"{cfg.reward.num_workers if cfg.reward.functions else 0} reward worker(s)"
+        f"{critic}{cfg.reward.num_workers if cfg.reward.functions else 0} reward worker(s)"
         + "".join(f", {m.num_workers} reward-model actor(s) ({m.name})" for m in cfg.reward.models)
         + f" ready in {timings['actor_start_seconds']:.0f} s")
     try:

@@ -22,6 +22,7 @@ from troupe.cluster.learners import LearnerGroup
 from troupe.configs.schema import LearnerConfig, RunConfig
 from troupe.core.rpc import start_named
 from troupe.core.threads import cpu_thread_env, overridden, threads_for_cpus
+from troupe.learner.critic_rank import CriticRank
 from troupe.learner.zero import LearnerRank
 from troupe.reward.router import RewardRouter
 from troupe.rollout.engine import RolloutEngine
@@ -33,7 +34,8 @@ def init_ray(cfg: RunConfig, address: str | None, dashboard: bool = False) -> No
     need = cfg.rollout.num_engines * cfg.rollout.num_cpus_per_engine + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank \
         + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker \
         + sum(m.num_workers * m.num_cpus for m in cfg.reward.models) \
-        + (cfg.reward.iterative.num_cpus if cfg.reward.iterative else 0)
+        + (cfg.reward.iterative.num_cpus if cfg.reward.iterative else 0) \
+        + (cfg.critic.num_ranks * cfg.critic.num_cpus_per_rank if cfg.critic else 0)
     join_ray(address or cfg.cluster.address, need, dashboard)
 
 
@@ -136,7 +138,7 @@ def start_zero_ranks(rank_cls: type, lc: LearnerConfig, device: str, rpc_timeout
 @dataclass
 class Actors:
     """A run's actors: the engine group, the learner group, the reward lanes, and their placement group;
-    with ``reward.iterative``, the reward-model trainer (``troupe.cluster.iterative.IterativeRewardModel``,
+    with a ``critic`` section the critic's ranks (a second ZeRO group); with ``reward.iterative``, the reward-model trainer (``troupe.cluster.iterative.IterativeRewardModel``,
     set by ``troupe.cluster.train.train``, which knows the run directory)."""
 
     engines: EngineGroup
@@ -144,6 +146,7 @@ class Actors:
     rewards: RewardRouter
     pg: object
     iterative: Optional[Any] = None
+    critic: Optional[LearnerGroup] = None  # PPO's value model (``critic`` section): CriticRank actors
 
     def single_node(self) -> bool:
         """True when Ray has one alive node (decides the weight-sync strategy)."""
@@ -155,22 +158,29 @@ class Actors:
             self.iterative.shutdown()
         self.engines.shutdown()
         self.learners.shutdown()
+        if self.critic is not None:
+            self.critic.shutdown()
         self.rewards.shutdown()
         remove_placement_group(self.pg)
 
 
 def _bundles(cfg: RunConfig) -> list[dict]:
-    """One placement-group bundle per engine, then one per learner rank, then one per actor of each reward
-    model that asks for GPUs (``reward.models.N.num_gpus`` > 0, in config order): a GPU reward model outside
+    """One placement-group bundle per engine, then one per learner rank, then one per critic rank (a ``critic``
+    section), then one per actor of each reward model that asks for GPUs (``reward.models.N.num_gpus`` > 0, in config order): a GPU reward model outside
     the group could find every GPU held by it, and its actors would wait forever (issue 26)."""
     gpu = cfg.device == "gpu"
     ro, lc = cfg.rollout, cfg.learner
     bundles = [{"CPU": ro.num_cpus_per_engine, **({"GPU": ro.num_gpus_per_engine} if gpu else {})}
                for _ in range(ro.num_engines)]
-    bundles += [{"CPU": lc.num_cpus_per_rank, **({"GPU": lc.num_gpus_per_rank} if gpu else {})}
-                for _ in range(lc.num_ranks)]
+    for ranks in (lc, cfg.critic) if cfg.critic is not None else (lc,):
+        bundles += [{"CPU": ranks.num_cpus_per_rank, **({"GPU": ranks.num_gpus_per_rank} if gpu else {})}
+                    for _ in range(ranks.num_ranks)]
     bundles += [{"CPU": m.num_cpus, "GPU": m.num_gpus} for m in _gpu_reward_models(cfg) for _ in range(m.num_workers)]
     return [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
+
+
+def _critic_ranks(cfg: RunConfig) -> int:
+    return cfg.critic.num_ranks if cfg.critic is not None else 0
 
 
 def _gpu_reward_models(cfg: RunConfig) -> list:
@@ -181,7 +191,7 @@ def _gpu_reward_models(cfg: RunConfig) -> list:
 def reward_model_placement(cfg: RunConfig, pg) -> Callable[[str, int], dict]:
     """``placement(model name, slot) -> Ray actor options``: a GPU reward model's actor ``slot`` in its bundle of
     ``pg`` (after the engines' and the learner ranks', ``_bundles`` order); {} for a model without GPUs."""
-    first, index = cfg.rollout.num_engines + cfg.learner.num_ranks, {}
+    first, index = cfg.rollout.num_engines + cfg.learner.num_ranks + _critic_ranks(cfg), {}
     for m in _gpu_reward_models(cfg):
         index[m.name] = first
         first += m.num_workers
@@ -251,9 +261,12 @@ def _actor_env(cfg: RunConfig, kind: str) -> dict:
 
 def _actor_options(cfg: RunConfig, pg, bundles: list[dict], i: int) -> dict:
     """Ray actor options of the actor in bundle ``i`` of ``pg`` (``_bundles`` order: engines, then learner
-    ranks): its resources, env and placement."""
+    ranks, then critic ranks): its resources, env and placement."""
     kind = "engine" if i < cfg.rollout.num_engines else "learner"
-    return dict(num_cpus=bundles[i].get("CPU", 0), num_gpus=bundles[i].get("GPU", 0), runtime_env=_actor_env(cfg, kind),
+    env = _actor_env(cfg, kind)
+    if cfg.critic is not None and i >= cfg.rollout.num_engines + cfg.learner.num_ranks and cfg.device == "cpu":
+        env["env_vars"].update(cpu_thread_env(cfg.critic.torch_threads))
+    return dict(num_cpus=bundles[i].get("CPU", 0), num_gpus=bundles[i].get("GPU", 0), runtime_env=env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i))
 
 
@@ -302,10 +315,19 @@ def start_actors(cfg: RunConfig, model_path: str, log: Callable[[str], None] = p
     learners = LearnerGroup([start_named(Learner, f"learner-rank-{r}", (r, n, master_addr, master_port, model_path, cfg),
                                          **_actor_options(cfg, pg, bundles, E + r)) for r in range(n)],
                             rpc_timeout_s=cl.rpc_timeout_s)
+    critic = None
+    if cfg.critic is not None:  # its own process group: bundle E + n + r, rendezvous on its rank 0's node
+        c, Critic = cfg.critic.num_ranks, ray.remote(CriticRank)
+        addr, port = _bundle_ip(pg, E + n), free_port()
+        critic = LearnerGroup([start_named(Critic, f"critic-rank-{r}", (r, c, addr, port, model_path, cfg),
+                                           **_actor_options(cfg, pg, bundles, E + n + r)) for r in range(c)],
+                              rpc_timeout_s=cl.rpc_timeout_s, kind="critic rank")
     rewards = RewardRouter(cfg.reward, ready_timeout_s=cl.rpc_timeout_s, model_placement=reward_model_placement(cfg, pg))
     engines.ready()
     learners.ready()
-    return Actors(engines, learners, rewards, pg)
+    if critic is not None:
+        critic.ready()
+    return Actors(engines, learners, rewards, pg, critic=critic)
 
 
 def start_engines(cfg: RunConfig, model_path: str, log: Callable[[str], None] = print) -> tuple[EngineGroup, Any]:

@@ -38,18 +38,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 from tqdm import tqdm
 
 from troupe.cluster import checkpoint
-from troupe.cluster.metrics import MetricsWriter, rollout_metrics
+from troupe.cluster.metrics import MetricsWriter, mean_dicts, rollout_metrics
 from troupe.cluster.ray_metrics import RayMetrics
 from troupe.cluster.rollout_ahead import RolloutAhead
 from troupe.cluster.runtime import Actors
 from troupe.cluster.weight_sync import WeightSync
 from troupe.configs.schema import RunConfig
-from troupe.core.types import Group, Prompt, Sampling
+from troupe.core.types import Group, Prompt, Sampling, TrainBatch
 from troupe.learner import grpo
 from troupe.learner.batch import collate_groups
+from troupe.learner.gae import critic_metrics
 from troupe.learner.step import group_signal, informative
 from troupe.reward.passk import accuracy_function, eval_metrics
 from troupe.rollout.prompts import PromptStream, sampling_seeds
@@ -127,6 +129,26 @@ def rollout(step: int, cfg: RunConfig, actors: Actors, stream: PromptStream,
         for i, g in zip(dropped, fresh):
             groups[i] = g
     return groups, {**info, **staleness_metrics(groups, step - 1, N, len(dropped))}
+
+
+def learn(step: int, cfg: RunConfig, actors: Actors, batch: TrainBatch) -> dict:
+    """The learner side of a step: the policy's update; with a critic (PPO, ``algo.advantage: gae``) the critic's
+    values of the batch first, then the policy's update (GAE advantages from those values), then the critic's
+    update towards the returns the policy's ranks computed. The policy keeps its weights for the first
+    ``critic.freeze_policy_steps`` steps. Critic metrics: ``critic/*`` (value loss, grad norm, clip fraction,
+    explained variance, values and returns means) and ``time/critic`` (s)."""
+    if actors.critic is None:
+        return actors.learners.train_step(batch)
+    t0 = time.time()
+    batch = batch.with_(values=torch.cat(actors.critic.call("values", batch)))
+    t1 = time.time()
+    out = actors.learners.train_step(batch, step > cfg.critic.freeze_policy_steps)
+    t2 = time.time()
+    returns = out.pop("critic/returns")
+    out.update(mean_dicts(actors.critic.call("train_step", batch, returns)),
+               **critic_metrics(batch.values, returns, batch.response_mask),
+               **{"time/critic": t1 - t0 + time.time() - t2})
+    return out
 
 
 def check_sync(actors: Actors, token_ids: list[int], start: int) -> float:
@@ -241,15 +263,17 @@ def save_checkpoint(cfg: RunConfig, run_dir: Path, actors: Actors, stream: Promp
         stream_state = (ahead.stream_state_before(state.step + 1) if ahead is not None else None) or stream.state_dict()
         path = checkpoint.save(checkpoint.checkpoint_root(cfg, run_dir), state.step, actors.learners,
                                {**asdict(state), "stream": stream_state}, cfg, run_dir / "metrics.jsonl",
-                               cfg.checkpoint.keep_last)
+                               cfg.checkpoint.keep_last, critic=actors.critic)
     say(f"checkpoint {path} ({time.time() - t0:.1f} s)")
     return path
 
 
 def resume_from(path: Path, actors: Actors, sync: WeightSync, stream: PromptStream, eval_prompts: list[Prompt]) -> RunState:
-    """Restore learner ranks and prompt stream from checkpoint ``path``; the engines get its weights."""
+    """Restore learner (and critic) ranks and prompt stream from checkpoint ``path``; the engines get its weights."""
     saved = checkpoint.load_state(path)
     actors.learners.load_checkpoint(str(path / "learner"))
+    if actors.critic is not None:
+        actors.critic.load_checkpoint(str(path / "critic"))
     stream.load_state_dict(saved.pop("stream"))
     state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
     sync.sync(state.policy_version)
@@ -275,7 +299,7 @@ def run_step(step: int, cfg: RunConfig, actors: Actors, sync: WeightSync, stream
         state.iterative = actors.iterative.state_dict()
     batch = collate_groups(groups, pad_id, mask_truncated=cfg.algo.mask_truncated)
     t_learn = time.time()
-    record.update(actors.learners.train_step(batch), **{"time/learn": time.time() - t_learn})
+    record.update(learn(step, cfg, actors, batch), **{"time/learn": time.time() - t_learn})
     state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if record.get("faults/nonfinite_steps") else 0
     if state.nonfinite_in_a_row:
         say(f"step {step}: loss or gradient norm not finite, update skipped ({state.nonfinite_in_a_row} in a row)")

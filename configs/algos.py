@@ -33,10 +33,13 @@ class AdvantageConfig(_Variant):
 
     ``uses_step_rewards`` (class attribute) is True for estimators that read per-step rewards
     (process supervision): the engines then mark step ends, the reward workers score steps, and
-    per-sequence reward shaping is added to the last step.
+    per-sequence reward shaping is added to the last step. ``uses_critic`` is True for estimators
+    that read a learned critic's values (``AdvantageInputs.values``): the run then needs a ``critic``
+    section, which starts the critic's ranks.
     """
 
     uses_step_rewards: ClassVar[bool] = False
+    uses_critic: ClassVar[bool] = False
 
 
 class PolicyLossConfig(_Variant):
@@ -80,6 +83,22 @@ class ProcessAdvantage(_GroupStd):
 
     name: Literal["process"] = "process"
     uses_step_rewards: ClassVar[bool] = True
+
+
+class GAEAdvantage(AdvantageConfig):
+    """PPO's generalized advantage estimation (Schulman et al. 2016, eq. 16) with a learned critic (the run's
+    ``critic`` section; DeepSeekMath 4.1.1, the baseline GRPO replaces): per-token rewards are the sequence
+    reward on the last response token and, with ``algo.kl_in: reward``, -kl_coef * KL_t on every response token
+    (InstructGPT; OpenRLHF, veRL); returns = advantages + values are the critic's targets.
+    gamma = lam = 1: Monte-Carlo returns minus the value baseline."""
+
+    name: Literal["gae"] = "gae"
+    uses_critic: ClassVar[bool] = True
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount per response token.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda (1: Monte-Carlo returns, 0: one-step TD).")
+    whiten: bool = Field(True, description="Normalise the advantages over the batch's response tokens (mean 0, "
+                                           "std 1) before the policy loss, as OpenRLHF and veRL do for PPO; the "
+                                           "critic's returns are computed before it.")
 
 
 class PPOClipLoss(PolicyLossConfig):
@@ -154,7 +173,8 @@ ADVANTAGE_CONFIGS = ConfigRegistry("advantage estimator", AdvantageConfig)
 POLICY_LOSS_CONFIGS = ConfigRegistry("policy loss", PolicyLossConfig)
 """Policy loss name -> config class."""
 
-for _cls in (GRPOAdvantage, DrGRPOAdvantage, RLOOAdvantage, ReinforcePPBaselineAdvantage, ProcessAdvantage):
+for _cls in (GRPOAdvantage, DrGRPOAdvantage, RLOOAdvantage, ReinforcePPBaselineAdvantage, ProcessAdvantage,
+             GAEAdvantage):
     ADVANTAGE_CONFIGS.register(_cls.model_fields["name"].default, _cls)
 for _cls in (PPOClipLoss, GSPOLoss):
     POLICY_LOSS_CONFIGS.register(_cls.model_fields["name"].default, _cls)

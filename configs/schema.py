@@ -414,6 +414,25 @@ class LearnerConfig(_Strict):
         "float32 copies of all its logits (8 x 1,024 tokens x 151,936 vocabulary: 5 GB each). 0: one chunk.")
 
 
+class CriticConfig(LearnerConfig):
+    """PPO's value model (``algo.advantage: gae``): its own group of DeepSpeed ZeRO ranks
+    (``troupe.learner.critic_rank.CriticRank``), a causal-LM backbone with a scalar value head on every
+    token. The keys it shares with ``learner`` (ranks, ZeRO stage, learning rate, micro-batches, gradient
+    clip, CPUs/GPUs per rank, threads) mean the same for the critic's ranks; its optimizer steps follow the
+    policy's (``algo.ppo_epochs`` x ``algo.mini_batches`` per step)."""
+
+    model_path: Optional[str] = Field(
+        None, description="Where the critic starts: None: the policy's initial weights with a new value head "
+                          "(seeded); or a reward-model folder (OpenRLHF initialises the critic from the reward model: "
+                          "its head becomes the value head) or any causal-LM folder / hub id.")
+    value_clip: Optional[float] = Field(
+        0.2, gt=0.0, description="PPO value clipping: the new value is kept within this distance of the value at "
+                                 "sampling time in the loss's clipped branch (None: plain squared error).")
+    freeze_policy_steps: int = Field(
+        0, ge=0, description="The first N steps train the critic only (OpenRLHF's freezing_actor_steps): the policy "
+                             "keeps its weights while the value head learns the returns.")
+
+
 class SyncConfig(_Strict):
     """Weight sync from learner to engines."""
 
@@ -618,6 +637,8 @@ class RunConfig(_Strict):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    critic: Optional[CriticConfig] = Field(
+        None, description="PPO's learned critic (needed by, and only by, algo.advantage: gae); None: no critic.")
     sync: SyncConfig = Field(default_factory=SyncConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -685,7 +706,34 @@ class RunConfig(_Strict):
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
         self.rejection.check_reward(self.reward)
+        self._check_critic(per_rank)
         return self
+
+    def _check_critic(self, per_rank: int) -> None:
+        uses = self.algo.advantage.uses_critic
+        if uses and self.critic is None:
+            raise ValueError(f"algo.advantage {self.algo.advantage.name!r} reads a learned critic's values: add a "
+                             "critic section (critic: {} takes the defaults)")
+        if self.critic is None:
+            return
+        c = self.critic
+        if not uses:
+            raise ValueError(f"critic is set but algo.advantage is {self.algo.advantage.name!r}, which does not use "
+                             "it: use algo.advantage: gae, or remove the critic section")
+        rows, rem = divmod(self.batch_size, c.num_ranks)
+        if rem or rows % self.algo.mini_batches:
+            raise ValueError(f"the step batch {self.batch_size} must split into critic.num_ranks = {c.num_ranks} "
+                             f"ranks x algo.mini_batches = {self.algo.mini_batches} mini-batches")
+        if self.device == "gpu" and c.num_gpus_per_rank <= 0:
+            raise ValueError("device 'gpu' needs critic.num_gpus_per_rank = 1")
+        if self.device == "cpu" and c.num_gpus_per_rank:
+            raise ValueError("device 'cpu' cannot ask for GPUs (critic.num_gpus_per_rank)")
+        path = c.model_path
+        if path is not None and (path.startswith(("/", ".", "~")) or Path(path).exists()) \
+                and not (Path(path).expanduser() / "config.json").is_file():
+            raise ValueError(f"critic.model_path {path!r} is not a model folder (no config.json there)")
+        if self.algo.advantage.uses_step_rewards:
+            raise ValueError("critic: step-reward estimators do not use a critic")
 
     @property
     def batch_size(self) -> int:

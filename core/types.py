@@ -142,6 +142,8 @@ class TrainBatch:
             sample.
         step_ends: process supervision only: B lists of the same lengths, ``step_ends[i][j]`` in
             [0, T) = index of the last response token of step j, non-decreasing.
+        values: PPO with a critic only (else None): [B, T] float32, the critic's value of each response
+            token's state (the prefix before it) at sampling time, 0 where the response mask is 0.
     """
 
     input_ids: "torch.Tensor"
@@ -154,6 +156,7 @@ class TrainBatch:
     prompt_len: int
     step_rewards: Optional[list[list[float]]] = None
     step_ends: Optional[list[list[int]]] = None
+    values: Optional["torch.Tensor"] = None
 
     @property
     def size(self) -> int:

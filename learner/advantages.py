@@ -33,6 +33,7 @@ from troupe.configs.algos import (
     ReinforcePPBaselineAdvantage,
     RLOOAdvantage,
 )
+from troupe.learner import gae as _gae  # noqa: F401  (registers algo.advantage "gae": PPO with a critic)
 from troupe.learner.registry import AdvantageInputs, advantage_fn, register_advantage
 
 STD_MODES = ("unbiased", "population")

@@ -192,7 +192,8 @@ def trim_padding(b: TrainBatch) -> TrainBatch:
     if p == P and t == T:
         return b
     return b.with_(input_ids=b.input_ids[:, P - p:P + t], attention_mask=b.attention_mask[:, P - p:P + t],
-                   response_mask=b.response_mask[:, :t], sampling_logprobs=b.sampling_logprobs[:, :t], prompt_len=p)
+                   response_mask=b.response_mask[:, :t], sampling_logprobs=b.sampling_logprobs[:, :t], prompt_len=p,
+                   values=None if b.values is None else b.values[:, :t])
 
 
 def token_budget_micro_batches(prompt_lengths: Sequence[int], response_lengths: Sequence[int], budget: int,

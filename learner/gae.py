@@ -4,8 +4,8 @@ GRPO's group baseline replaces exactly this (DeepSeekMath section 4.1.1): PPO es
 GAE (Schulman et al. 2016, eq. 16) from a value model's per-token values and per-token rewards, in the
 InstructGPT arrangement that OpenRLHF and veRL follow: the sequence's reward on its last response token
 and, with the KL penalty in the reward, ``-beta * KL_t`` on every response token. These functions are
-the estimator and the critic's loss; the critic's ranks and the registry entry (``algo.advantage: gae``)
-come with them in issue 27 and are not built yet, so no run calls this module today.
+the estimator (registered as ``algo.advantage: gae``, :func:`gae_advantages`) and the critic's loss
+(``troupe.learner.critic_rank.CriticRank`` trains with it).
 
 Tensor convention (as ``troupe.learner.registry``): [B, T] over response tokens, ``mask`` 1 on tokens that
 count (a truncated or padded tail is 0, and the last token with mask 1 is the sequence's end).
@@ -19,7 +19,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["gae", "token_rewards", "value_loss", "whiten"]
+from troupe.configs.algos import GAEAdvantage
+from troupe.learner.registry import AdvantageInputs, register_advantage
+
+__all__ = ["critic_metrics", "explained_variance", "gae", "gae_advantages", "gae_returns", "token_rewards",
+           "value_loss", "whiten"]
 
 
 def _check(name: str, x: Tensor, like: Tensor) -> None:
@@ -132,3 +136,53 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
         clipped = old_values + (values - old_values).clamp(-clip, clip)
         loss = torch.maximum(loss, (clipped - returns) ** 2)
     return 0.5 * loss * m
+
+
+def _advantages_and_returns(inp: AdvantageInputs, cfg: GAEAdvantage) -> tuple[Tensor, Tensor]:
+    if inp.values is None:
+        raise ValueError("algo.advantage 'gae' needs the critic's values of the batch (AdvantageInputs.values): "
+                         "the run needs a critic section")
+    mask = inp.response_mask
+    r = token_rewards(torch.nan_to_num(inp.rewards.double(), nan=0.0), mask)
+    if inp.token_rewards is not None:
+        _check("token_rewards", inp.token_rewards, mask)
+        r = r + inp.token_rewards.to(r.dtype) * mask.to(r.dtype)
+    return gae(r, inp.values.to(r.dtype), mask, cfg.gamma, cfg.lam)
+
+
+@register_advantage("gae", GAEAdvantage)
+def gae_advantages(inp: AdvantageInputs, cfg: GAEAdvantage) -> Tensor:
+    """The registered estimator: GAE advantages [B, T] from the sequence rewards (on the last token), the
+    per-token reward terms and the critic's values, whitened over the batch when ``cfg.whiten``; computed in
+    float64, returned in the mask's dtype.
+    Excluded samples (NaN reward) have mask 0 and get 0. Raises ValueError without ``inp.values``."""
+    adv, _ = _advantages_and_returns(inp, cfg)
+    adv = whiten(adv, inp.response_mask.to(adv.dtype)) if cfg.whiten else adv
+    return adv.to(inp.response_mask.dtype)
+
+
+def gae_returns(inp: AdvantageInputs, cfg: GAEAdvantage) -> Tensor:
+    """The critic's targets [B, T] (the mask's dtype): GAE advantages (before whitening) + values; 0 where the
+    mask is 0."""
+    return _advantages_and_returns(inp, cfg)[1].to(inp.response_mask.dtype)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the tokens with mask 1 (population variances): 1 when the critic predicts
+    the returns, 0 when it predicts no better than their mean, negative when worse; NaN when Var(R) = 0."""
+    m = mask.bool()
+    r, v = returns[m].double(), values[m].double()
+    if r.numel() == 0:
+        return float("nan")
+    var = r.var(unbiased=False)
+    return float("nan") if var == 0 else float(1.0 - (r - v).var(unbiased=False) / var)
+
+
+def critic_metrics(values: Tensor, returns: Tensor, mask: Tensor) -> dict[str, float]:
+    """A step's critic diagnostics over the response tokens with mask 1: "critic/explained_variance"
+    (:func:`explained_variance`), "critic/values_mean", "critic/returns_mean". All [B, T]."""
+    m = mask.to(torch.float64)
+    n = float(m.sum().clamp(min=1.0))
+    return {"critic/explained_variance": explained_variance(values, returns, mask),
+            "critic/values_mean": float((values.double() * m).sum()) / n,
+            "critic/returns_mean": float((returns.double() * m).sum()) / n}

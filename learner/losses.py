@@ -91,10 +91,10 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor
     return torch.exp(-d) + d - 1.0
 
 
-def sequence_kl(logp_old: Tensor, ref_logp: Tensor, response_mask: Tensor, estimator: str) -> Tensor:
-    """Per-sequence KL for KL in the reward (``kl_in="reward"``, PPO's way as in OpenRLHF):
-    sum_t mask_{i,t} * KL_t(logp_old, ref_logp), without gradient. ``troupe.learner.step`` then
-    subtracts kl_coef times it from each sequence's reward before advantages.
+def token_kl(logp_old: Tensor, ref_logp: Tensor, response_mask: Tensor, estimator: str) -> Tensor:
+    """Per-token KL for KL in the reward with a critic (InstructGPT; OpenRLHF ``compute_reward``):
+    ``mask * KL_t(logp_old, ref_logp)``, without gradient; ``troupe.learner.step`` puts -kl_coef times it on
+    every response token.
 
     Args:
         logp_old: [B, T] log pi_old of the sampled tokens (learner, before the update).
@@ -102,7 +102,7 @@ def sequence_kl(logp_old: Tensor, ref_logp: Tensor, response_mask: Tensor, estim
         response_mask: [B, T] bool/float.
         estimator: "k1" | "k2" | "k3" (see ``kl_estimate``).
     Returns:
-        [B] float32 (float64 for float64 inputs), detached.
+        [B, T] float32 (float64 for float64 inputs), 0 where the mask is 0, detached.
     Raises:
         ValueError: shape mismatch, unknown estimator.
     """
@@ -110,7 +110,21 @@ def sequence_kl(logp_old: Tensor, ref_logp: Tensor, response_mask: Tensor, estim
     with torch.no_grad():
         dtype = torch.float64 if logp_old.dtype == torch.float64 else torch.float32
         kl = kl_estimate(logp_old.detach().to(dtype), ref_logp.detach().to(dtype), estimator)
-        return _masked(kl, response_mask.to(kl.dtype)).sum(dim=1)
+        return _masked(kl, response_mask.to(kl.dtype))
+
+
+def sequence_kl(logp_old: Tensor, ref_logp: Tensor, response_mask: Tensor, estimator: str) -> Tensor:
+    """Per-sequence KL for KL in the reward (``kl_in="reward"``, PPO's way as in OpenRLHF):
+    sum_t mask_{i,t} * KL_t(logp_old, ref_logp) (:func:`token_kl` summed), without gradient.
+    ``troupe.learner.step`` then subtracts kl_coef times it from each sequence's reward before advantages.
+
+    Args: as :func:`token_kl`.
+    Returns:
+        [B] float32 (float64 for float64 inputs), detached.
+    Raises:
+        ValueError: shape mismatch, unknown estimator.
+    """
+    return token_kl(logp_old, ref_logp, response_mask, estimator).sum(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ class AdvantageInputs:
         step_rewards: B lists of per-step rewards (step-reward estimators only; per-sequence shaping
             already added to the last step), else None.
         step_ends: B lists of the last response token index of each step, else None.
+        values: [B, T] float, a learned critic's values of the response tokens at sampling time
+            (critic estimators, ``uses_critic``), else None.
+        token_rewards: [B, T] float, per-token reward terms added on every response token (with the
+            KL in the reward and a critic: -kl_coef * KL_t), else None.
     """
 
     rewards: Tensor
@@ -62,6 +66,8 @@ class AdvantageInputs:
     group_size: int
     step_rewards: Optional[list[list[float]]] = None
     step_ends: Optional[list[list[int]]] = None
+    values: Optional[Tensor] = None
+    token_rewards: Optional[Tensor] = None
 
 
 @dataclass

@@ -3,6 +3,10 @@
     shaping  = DAPO overlong penalty [+ -kl_coef * sum_t KL_t when algo.kl_in == "reward"]   [B]
     rewards' = rewards + shaping             (step-reward estimators: shaping on the last step)
     A        = registered estimator algo.advantage (AdvantageInputs of the WHOLE batch)     [B, T]
+    R        = critic estimators (gae): the critic's targets, A before whitening + values     [B, T]
+
+With a critic the KL in the reward is per token (-kl_coef * KL_t on every response token, InstructGPT)
+instead of summed onto the last one, and the critic's values come with the batch (``TrainBatch.values``).
     norms    = per mini-batch global normalisers (valid tokens, valid sequences on all ranks)
 
 Every learner rank computes this on the whole batch (it is small next to the model) and takes its
@@ -46,33 +50,62 @@ def sequence_shaping(batch: TrainBatch, algo: AlgoConfig, max_new_tokens: int, k
     return shaping
 
 
+def _inputs(batch: TrainBatch, algo: AlgoConfig, group_size: int, max_new_tokens: int,
+            kl: Optional[Tensor]) -> tuple[AdvantageInputs, Tensor]:
+    """The estimator's inputs of the whole batch and the shaped [B] rewards (``step_advantages``)."""
+    critic = algo.advantage.uses_critic
+    if critic and batch.values is None:
+        raise ValueError(f"algo.advantage {algo.advantage.name!r} needs the critic's values of the batch "
+                         "(TrainBatch.values): the run needs a critic section")
+    shaping = sequence_shaping(batch, algo, max_new_tokens, None if critic else kl)
+    rewards = batch.rewards + shaping
+    steps = algo.advantage.uses_step_rewards
+    if steps and batch.step_rewards is None:
+        raise ValueError(f"algo.advantage {algo.advantage.name!r} needs step rewards but the scored groups carry "
+                         "none (no reward function of kind 'process' ran)")
+    per_token = -algo.kl_coef * kl.to(torch.float32).cpu() if critic and kl is not None else None
+    inp = AdvantageInputs(rewards, batch.response_mask, group_size,
+                          add_to_last_step(batch.step_rewards, shaping) if steps else None,
+                          batch.step_ends if steps else None, values=batch.values if critic else None,
+                          token_rewards=per_token)
+    return inp, rewards
+
+
+def step_returns(batch: TrainBatch, algo: AlgoConfig, group_size: int, max_new_tokens: int,
+                 kl: Optional[Tensor] = None) -> Tensor:
+    """The critic's targets [B, T] of a critic estimator (``algo.advantage.uses_critic``): its advantages before
+    whitening + the batch's values (``troupe.learner.gae.gae_returns``); arguments as ``step_advantages``.
+    Raises ValueError for an estimator without a critic, or a batch without values."""
+    if not algo.advantage.uses_critic:
+        raise ValueError(f"algo.advantage {algo.advantage.name!r} has no critic, so no returns")
+    from troupe.learner.gae import gae_returns
+
+    return gae_returns(_inputs(batch, algo, group_size, max_new_tokens, kl)[0], algo.advantage)
+
+
 def step_advantages(batch: TrainBatch, algo: AlgoConfig, group_size: int, max_new_tokens: int,
                     kl: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
     """Reward shaping, then ``algo.advantage`` over the whole batch.
 
     Args:
-        batch: the whole step batch (B rows, groups of ``group_size`` contiguous).
+        batch: the whole step batch (B rows, groups of ``group_size`` contiguous); a critic estimator reads
+            its ``values``.
         algo: the algorithm section (estimator config, shaping settings).
         group_size: G.
         max_new_tokens: the response cap (overlong shaping).
-        kl: [B] KL sums for KL in the reward (``sequence_kl``), else None.
+        kl: for KL in the reward, else None: [B] KL sums (``sequence_kl``), or for a critic estimator [B, T]
+            per-token KL (``troupe.learner.losses.token_kl``).
     Returns:
         ([B, T] advantages, 0 where the response mask is 0; statistics: "reward_shaped_mean",
         "reward_shaped_std", "valid_frac", "zero_variance_frac" (groups that are not ``informative``
         under the estimator's signal), "adv/mean", "adv/std" (per-sequence token-mean advantage over
         valid samples) and, for step-reward estimators, "process/steps_mean").
     Raises:
-        ValueError: a step-reward estimator without step rewards, or the estimator's own errors.
+        ValueError: a step-reward estimator without step rewards, a critic estimator without values, or the
+            estimator's own errors.
     """
-    shaping = sequence_shaping(batch, algo, max_new_tokens, kl)
-    rewards = batch.rewards + shaping
+    inp, rewards = _inputs(batch, algo, group_size, max_new_tokens, kl)
     steps = algo.advantage.uses_step_rewards
-    if steps and batch.step_rewards is None:
-        raise ValueError(f"algo.advantage {algo.advantage.name!r} needs step rewards but the scored groups carry "
-                         "none (no reward function of kind 'process' ran)")
-    inp = AdvantageInputs(rewards, batch.response_mask, group_size,
-                          add_to_last_step(batch.step_rewards, shaping) if steps else None,
-                          batch.step_ends if steps else None)
     adv = compute_advantages(inp, algo.advantage) * batch.response_mask
     stats = {f"reward_shaped_{k[len('reward_'):]}" if k.startswith("reward_") else k: v
              for k, v in group_stats(rewards, group_size).items()}

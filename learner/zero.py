@@ -48,9 +48,9 @@ from troupe.core.types import TrainBatch
 from troupe.core.weights import WeightBucket, peak_rss, peak_rss_reset, plan_buckets, rss_bytes, trim_heap
 from troupe.learner import grpo
 from troupe.learner.batch import chunked_response_logprobs, micro_batch_plan, token_logprobs, trim_padding
-from troupe.learner.losses import LossNorm, sequence_kl
+from troupe.learner.losses import LossNorm, sequence_kl, token_kl
 from troupe.learner.registry import LossInputs
-from troupe.learner.step import minibatch_norms, step_advantages
+from troupe.learner.step import minibatch_norms, step_advantages, step_returns
 
 
 def replay_adam_step_product(optimizer) -> int:
@@ -370,6 +370,30 @@ class ZeroRank:
             peak_rss_reset()
         return {"rss": rss_bytes(), "peak": peak_rss()}
 
+    def _micro_batches(self, batch: TrainBatch, shard: TrainBatch, lc, mini_batches: int
+                       ) -> list[list[tuple[torch.Tensor, TrainBatch]]]:
+        """Per mini-batch, this rank's micro-batches: (row indices into ``shard``, those rows with their padding
+        trimmed). Fixed ``lc.micro_batch_size`` rows, or ``lc.micro_batch_tokens`` token budgets
+        (``troupe.learner.batch.micro_batch_plan``: the same number of micro-batches on every rank)."""
+        plan = micro_batch_plan(batch.attention_mask[:, :batch.prompt_len].sum(1).tolist(),
+                                batch.response_lengths.tolist(), num_ranks=self.world,
+                                mini_batches=mini_batches, micro_batch_size=lc.micro_batch_size,
+                                micro_batch_tokens=lc.micro_batch_tokens)[self.rank]
+        out = []
+        for mb in plan:
+            parts = []
+            for rows in mb:
+                idx = torch.tensor(rows, dtype=torch.long)
+                sel = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else idx
+                parts.append((idx, trim_padding(shard.select(sel))))
+            out.append(parts)
+        return out
+
+    def _rows(self, batch_size: int) -> slice:
+        """This rank's rows of a step batch: [r*B/R, (r+1)*B/R)."""
+        per = batch_size // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
     def _set_lr(self, base_lr: float, warmup_steps: int) -> None:
         """Linear warm-up: optimizer step k (0-based) uses lr * min(1, (k + 1) / warmup_steps).
 
@@ -467,24 +491,6 @@ class LearnerRank(ZeroRank):
                 out[idx, :part.response_len] = self._forward_logprobs(model, part)[0].cpu()
         return out
 
-    def _micro_batches(self, batch: TrainBatch, shard: TrainBatch) -> list[list[tuple[torch.Tensor, TrainBatch]]]:
-        """Per mini-batch, this rank's micro-batches: (row indices into ``shard``, those rows with their padding
-        trimmed). Fixed ``learner.micro_batch_size`` rows, or ``learner.micro_batch_tokens`` token budgets
-        (``troupe.learner.batch.micro_batch_plan``: the same number of micro-batches on every rank)."""
-        plan = micro_batch_plan(batch.attention_mask[:, :batch.prompt_len].sum(1).tolist(),
-                                batch.response_lengths.tolist(), num_ranks=self.world,
-                                mini_batches=self.algo.mini_batches, micro_batch_size=self.lc.micro_batch_size,
-                                micro_batch_tokens=self.lc.micro_batch_tokens)[self.rank]
-        out = []
-        for mb in plan:
-            parts = []
-            for rows in mb:
-                idx = torch.tensor(rows, dtype=torch.long)
-                sel = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else idx
-                parts.append((idx, trim_padding(shard.select(sel))))
-            out.append(parts)
-        return out
-
     def skips_old_forward(self) -> bool:
         """Whether this step skips the separate old log-prob forward (module docstring): KL not in the reward,
         and either ``algo.old_logp: sampling`` (the ratio's old policy is the engines') or one epoch, one
@@ -514,15 +520,13 @@ class LearnerRank(ZeroRank):
             raise ValueError("algo.kl_coef > 0 needs a reference model: start the learner with kl_coef > 0")
         self.algo = algo
 
-    def _rows(self, batch_size: int) -> slice:
-        per = batch_size // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
-
-    def train_step(self, batch: TrainBatch) -> dict:
+    def train_step(self, batch: TrainBatch, update: bool = True) -> dict:
         """One GRPO step on this rank's rows of the whole step batch; every rank must call it.
 
         Args:
-            batch: the whole step batch (B rows, B divisible by world size x mini-batches).
+            batch: the whole step batch (B rows, B divisible by world size x mini-batches); with a critic
+                estimator (``algo.advantage: gae``) it carries the critic's ``values``.
+            update: False: everything but the update (the policy keeps its weights: ``critic.freeze_policy_steps``).
         Returns:
             Metrics (floats): the loss's (averaged over micro-batches; "loss" is the mini-batch
             loss), "grad_norm", "lr", "entropy", "logprob_mismatch" (mean |old - sampling| over this
@@ -530,28 +534,36 @@ class LearnerRank(ZeroRank):
             finite; their "grad_norm" is inf or nan), the advantage statistics of ``troupe.learner.step.step_advantages``,
             "learn_seconds" and its parts "learn/old_logprob_seconds" (0 when the old forward is skipped),
             "learn/ref_logprob_seconds", "learn/update_seconds"; "learn/micro_batches" (this rank's forward/backward
-            passes) and "learn/padding_frac" (padded share of the tokens those passes ran on).
+            passes) and "learn/padding_frac" (padded share of the tokens those passes ran on). With a critic
+            estimator, rank 0 also returns "critic/returns": the critic's targets, a [B, T] float32 tensor of
+            the whole batch (``troupe.learner.step.step_returns``).
         """
         t0 = time.perf_counter()
         rows = self._rows(batch.size)
         shard = batch.select(rows)
-        micros = self._micro_batches(batch, shard)
-        skip = self.skips_old_forward()
+        micros = self._micro_batches(batch, shard, self.lc, self.algo.mini_batches)
+        skip = self.skips_old_forward() and update
         t_plan = time.perf_counter()
         old = None if skip else self._logprobs(self.engine.module, micros, shard)
         t_old = time.perf_counter()
         ref = self._logprobs(self.ref, micros, shard) if self.ref is not None else None
         t_ref = time.perf_counter()
-        kl = None
+        kl, critic = None, self.algo.advantage.uses_critic
         if self.algo.kl_in == "reward" and self.algo.kl_coef > 0:
-            kl = self._all_gather(sequence_kl(old, ref, shard.response_mask, self.algo.kl_estimator))
-        adv, stats = step_advantages(batch, self.algo, self.rollout.group_size, self.rollout.max_new_tokens, kl)
-        norms = minibatch_norms(batch.response_mask, self.world, self.algo.mini_batches, self.algo.loss_agg,
-                                self.rollout.max_new_tokens)
+            if critic:  # per token, all-gathered as one flat tensor (every rank's shard has the same shape)
+                kl = self._all_gather(token_kl(old, ref, shard.response_mask, self.algo.kl_estimator).reshape(-1))
+                kl = kl.reshape(batch.size, batch.response_len)
+            else:
+                kl = self._all_gather(sequence_kl(old, ref, shard.response_mask, self.algo.kl_estimator))
+        G, cap = self.rollout.group_size, self.rollout.max_new_tokens
+        adv, stats = step_advantages(batch, self.algo, G, cap, kl)
+        norms = minibatch_norms(batch.response_mask, self.world, self.algo.mini_batches, self.algo.loss_agg, cap)
         if skip:  # filled by the micro-steps with the detached training log-probs
             old = torch.zeros(shard.size, shard.response_len)
         t_upd = time.perf_counter()
-        out = self._update(micros, old, ref, adv[rows], norms, fill_old=skip)
+        out = self._update(micros, old, ref, adv[rows], norms, fill_old=skip) if update else {"policy_frozen": 1.0}
+        if critic and self.rank == 0:
+            out["critic/returns"] = step_returns(batch, self.algo, G, cap, kl)
         t_end = time.perf_counter()
         mask = shard.response_mask
         out["logprob_mismatch"] = float(((old - shard.sampling_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))

@@ -80,3 +80,99 @@ def test_whiten_is_zero_mean_unit_std_over_the_masked_tokens():
 def test_bad_input_is_refused_by_name(call):
     with pytest.raises(ValueError):
         call()
+
+
+def _batch(values=None):
+    """2 prompts x G=2, response widths 3 and 4 (the first row padded), rewards 1, 0 | 0.5, NaN (excluded)."""
+    from troupe.core.types import Group, Prompt, Sample
+    from troupe.learner.batch import collate_groups
+
+    groups = [Group(Prompt(0, "", [7, 8], "q", "1"), [Sample([5, 6, 9], [-1.0] * 3, "", False, 0),
+                                                     Sample([5, 6, 9, 10], [-1.0] * 4, "", False, 0)], rewards=[1.0, 0.0]),
+              Group(Prompt(1, "", [7], "q", "1"), [Sample([11, 12, 13, 14], [-1.0] * 4, "", False, 0),
+                                                  Sample([15, 16], [-1.0] * 2, "", False, 0)], rewards=[0.5, None])]
+    b = collate_groups(groups, pad_id=0)
+    return b if values is None else b.with_(values=values * b.response_mask)
+
+
+def _algo(**kw):
+    from troupe.configs.schema import AlgoConfig
+
+    return AlgoConfig(**{"advantage": {"name": "gae", "gamma": 0.9, "lam": 0.8, "whiten": False}, **kw})
+
+
+def test_gae_is_a_registered_estimator_with_the_kl_on_every_token_and_returns_for_the_critic():
+    """``algo.advantage: gae`` through troupe.learner.step (what a policy rank runs): the advantages are GAE of the
+    sequence reward on the last token minus kl_coef * KL_t on every token, from the batch's values; the critic's
+    targets are those advantages + values; with whitening only the advantages change."""
+    from troupe.learner.step import step_advantages, step_returns
+
+    values = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    b = _batch(values)
+    kl = torch.rand(4, 4, generator=torch.Generator().manual_seed(1)) * b.response_mask
+    algo = _algo(kl_in="reward", kl_coef=0.5)
+    adv, stats = step_advantages(b, algo, 2, 16, kl)
+    r = token_rewards(torch.nan_to_num(b.rewards), b.response_mask, kl, kl_coef=0.5)
+    want_adv, want_ret = gae(r.double(), b.values.double(), b.response_mask.double(), gamma=0.9, lam=0.8)
+    assert torch.allclose(adv, want_adv.float(), atol=1e-6) and adv.dtype == torch.float32
+    assert adv[3].abs().sum() == 0 and b.response_mask[3].sum() == 0  # the excluded sample: no advantage
+    assert torch.allclose(step_returns(b, algo, 2, 16, kl), want_ret.float(), atol=1e-6)
+    assert "adv/mean" in stats
+    white, _ = step_advantages(b, algo.model_copy(update={"advantage": algo.advantage.model_copy(update={"whiten": True})}),
+                               2, 16, kl)
+    assert torch.allclose(white, whiten(want_adv, b.response_mask.double()).float(), atol=1e-6)
+    # the KL in the loss (GRPO's place for it): only the sequence rewards make the returns
+    plain = step_returns(b, _algo(), 2, 16)
+    assert torch.allclose(plain, gae(token_rewards(torch.nan_to_num(b.rewards), b.response_mask).double(),
+                                     b.values.double(), b.response_mask.double(), 0.9, 0.8)[1].float(), atol=1e-6)
+
+
+def test_gae_without_values_and_returns_without_a_critic_are_refused():
+    from troupe.learner.step import step_advantages, step_returns
+
+    with pytest.raises(ValueError, match="critic"):
+        step_advantages(_batch(), _algo(), 2, 16)
+    from troupe.configs.schema import AlgoConfig
+
+    with pytest.raises(ValueError, match="no critic"):
+        step_returns(_batch(torch.zeros(4, 4)), AlgoConfig(), 2, 16)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["algo.advantage=gae"], "add a critic section"),
+    (["critic.lr=0.001"], "does not use it"),
+    (["algo.advantage=gae", "critic.num_ranks=3"], "critic.num_ranks = 3"),
+    (["algo.advantage=gae", "critic.model_path=/nonexistent-critic"], "critic.model_path"),
+])
+def test_critic_config_errors_name_the_key(overrides, match):
+    from pathlib import Path
+
+    from troupe.configs.schema import ConfigError, load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match=match):
+        load_config(repo / "configs" / "arith_cpu.yaml", overrides)
+    ok = load_config(repo / "configs" / "arith_cpu.yaml", ["algo.advantage=gae", "critic.lr=0.001"])
+    assert ok.critic.lr == 0.001 and ok.critic.value_clip == 0.2 and ok.algo.advantage.uses_critic
+
+
+def test_token_values_read_the_head_at_the_state_before_each_token_whatever_the_padding(tmp_path):
+    """V_t is the value head at the position before response token t (OpenRLHF's convention), and a row's values
+    do not depend on how much left padding its prompt got in the batch."""
+    from troupe.learner.critic_rank import token_values
+    from troupe.learner.tiny_model import build_tiny_model
+    from troupe.reward.model import load_reward_model
+
+    path = build_tiny_model(str(tmp_path / "m"), ["0123456789+=abc"] * 10, hidden_size=32, num_layers=1, num_heads=2,
+                            num_kv_heads=1, intermediate_size=64, max_position_embeddings=64, seed=0)
+    model = load_reward_model(path, seed=3).eval()
+    b = _batch()
+    with torch.no_grad():
+        v = token_values(model, b)
+        # row 2 (prompt [7], padded to width 2 in the batch) alone: the head on every position of prompt + response
+        ids = torch.tensor([[7, 11, 12, 13, 14]])
+        hidden = model.model(input_ids=ids).last_hidden_state
+        alone = model.score(hidden).squeeze(-1)[0, :-1]  # positions 0..3 predict response tokens 0..3
+    assert v.shape == (4, 4)
+    assert torch.allclose(v[2], alone, atol=1e-5)
+    assert v[0, 3] == 0 and v[3].abs().sum() == 0  # padding and the excluded sample
