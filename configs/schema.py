@@ -371,8 +371,9 @@ class AlgoConfig(_Strict):
         return POLICY_LOSS_CONFIGS.parse(v, default="ppo_clip")
 
 
-class LearnerConfig(_Strict):
-    """The DeepSpeed ZeRO learner ranks."""
+class ZeroRanksConfig(_Strict):
+    """A group of DeepSpeed ZeRO ranks (Ray actors in one process group): what the policy's learner ranks and
+    PPO's critic ranks share."""
 
     num_ranks: int = Field(1, ge=1, le=4096, description="Data-parallel ranks (Ray actors in one process group).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
@@ -383,30 +384,35 @@ class LearnerConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up over this many optimizer steps.")
     micro_batch_size: int = Field(16, ge=1, le=65536, description="Sequences per forward/backward per rank "
                                   "(when micro_batch_tokens is 0).")
-    micro_batch_tokens: int = Field(0, ge=0, le=2**31, description="GRPO learner: 0: micro-batches of "
+    micro_batch_tokens: int = Field(0, ge=0, le=2**31, description="0: micro-batches of "
                                     "micro_batch_size rows. > 0: token-budget micro-batches: each rank's rows sorted "
                                     "by length, longest first, as many per micro-batch as fit this many padded tokens "
                                     "(rows x (longest prompt + longest response) of the micro-batch; a longer row goes "
                                     "alone); every rank runs as many micro-batches as the rank that needs the most "
                                     "(OpenRLHF/veRL dynamic batch size). The update is the same up to float rounding.")
-    skip_old_forward: bool = Field(True, description="GRPO learner: when each batch is used once on-policy "
-                                   "(algo.ppo_epochs 1, algo.mini_batches 1, KL not in the reward) take the old "
-                                   "log-probs from the training forward, detached (ratio exactly 1, as TRL), instead "
-                                   "of a separate no-grad forward over the batch. false: always run that forward "
-                                   "(same update).")
-    num_cpus_per_rank: float = Field(0.5, ge=0.0, description="Ray CPUs per learner rank.")
-    num_gpus_per_rank: float = Field(0.0, ge=0.0, le=1.0, description="Ray GPUs per learner rank: 0 (CPU) or 1 "
+    num_cpus_per_rank: float = Field(0.5, ge=0.0, description="Ray CPUs per rank.")
+    num_gpus_per_rank: float = Field(0.0, ge=0.0, le=1.0, description="Ray GPUs per rank: 0 (CPU) or 1 "
                                      "(a rank is one NCCL rank on one device; two ranks on one GPU fail at NCCL init).")
 
     @field_validator("num_gpus_per_rank")
     @classmethod
     def _one_gpu(cls, v: float) -> float:
         if v not in (0.0, 1.0):
-            raise ValueError(f"{v}: a learner rank takes 0 GPUs (CPU) or 1 (one NCCL rank per device; two ranks "
+            raise ValueError(f"{v}: a rank takes 0 GPUs (CPU) or 1 (one NCCL rank per device; two ranks "
                              "sharing a GPU fail at NCCL init)")
         return v
 
     torch_threads: int = Field(1, ge=1, le=256, description="CPU only: torch threads per rank.")
+
+
+class LearnerConfig(ZeroRanksConfig):
+    """The DeepSpeed ZeRO learner ranks (the policy's)."""
+
+    skip_old_forward: bool = Field(True, description="GRPO learner: when each batch is used once on-policy "
+                                   "(algo.ppo_epochs 1, algo.mini_batches 1, KL not in the reward) take the old "
+                                   "log-probs from the training forward, detached (ratio exactly 1, as TRL), instead "
+                                   "of a separate no-grad forward over the batch. false: always run that forward "
+                                   "(same update).")
     logits_chunk_tokens: int = Field(
         1024, ge=0, le=2**20,
         description="GRPO learner: response positions whose float32 log-softmax and entropy are computed at once "
@@ -414,7 +420,7 @@ class LearnerConfig(_Strict):
         "float32 copies of all its logits (8 x 1,024 tokens x 151,936 vocabulary: 5 GB each). 0: one chunk.")
 
 
-class CriticConfig(LearnerConfig):
+class CriticConfig(ZeroRanksConfig):
     """PPO's value model (``algo.advantage: gae``): its own group of DeepSpeed ZeRO ranks
     (``troupe.learner.critic_rank.CriticRank``), a causal-LM backbone with a scalar value head on every
     token. The keys it shares with ``learner`` (ranks, ZeRO stage, learning rate, micro-batches, gradient
