@@ -85,6 +85,17 @@ class ProcessAdvantage(_GroupStd):
     uses_step_rewards: ClassVar[bool] = True
 
 
+class OnlineRFTAdvantage(AdvantageConfig):
+    """Online rejection-sampling fine-tuning (DeepSeekMath 5.2.1 and Appendix A.1.3): samples of the live policy,
+    gradient coefficient 1 for a sample whose reward reaches ``correct_at`` and 0 otherwise (no baseline, no
+    normalisation). With ``algo.loss_agg: seq_mean_token_mean`` the gradient is the paper's
+    1/|o| sum_t GC * grad log pi."""
+
+    name: Literal["online_rft"] = "online_rft"
+    correct_at: float = Field(1.0, description="A sample counts as correct (coefficient 1) when its combined reward "
+                                               "is at least this.")
+
+
 class GAEAdvantage(AdvantageConfig):
     """PPO's generalized advantage estimation (Schulman et al. 2016, eq. 16) with a learned critic (the run's
     ``critic`` section; DeepSeekMath 4.1.1, the baseline GRPO replaces): per-token rewards are the sequence
@@ -174,7 +185,7 @@ POLICY_LOSS_CONFIGS = ConfigRegistry("policy loss", PolicyLossConfig)
 """Policy loss name -> config class."""
 
 for _cls in (GRPOAdvantage, DrGRPOAdvantage, RLOOAdvantage, ReinforcePPBaselineAdvantage, ProcessAdvantage,
-             GAEAdvantage):
+             OnlineRFTAdvantage, GAEAdvantage):
     ADVANTAGE_CONFIGS.register(_cls.model_fields["name"].default, _cls)
 for _cls in (PPOClipLoss, GSPOLoss):
     POLICY_LOSS_CONFIGS.register(_cls.model_fields["name"].default, _cls)

@@ -29,6 +29,7 @@ from troupe.configs.algos import (
     AdvantageConfig,
     DrGRPOAdvantage,
     GRPOAdvantage,
+    OnlineRFTAdvantage,
     ProcessAdvantage,
     ReinforcePPBaselineAdvantage,
     RLOOAdvantage,
@@ -207,6 +208,18 @@ def reinforce_pp_baseline_advantages(inp: AdvantageInputs, cfg: ReinforcePPBasel
         sigma = ((w * (x - mu) ** 2).sum() / (total - ddof)).sqrt()
         adv = (x - mu) / (sigma + cfg.eps) if float(sigma) > 0 else torch.zeros_like(x)
         adv = torch.where(valid, adv, torch.zeros_like(adv))
+    return _broadcast(adv, inp.response_mask, _out_dtype(inp.rewards))
+
+
+@register_advantage("online_rft", OnlineRFTAdvantage)
+def online_rft_advantages(inp: AdvantageInputs, cfg: OnlineRFTAdvantage) -> Tensor:
+    """Online RFT's gradient coefficient (DeepSeekMath 5.2.1, Appendix A.1.3): A_i = 1 when r_i >= ``cfg.correct_at``,
+    else 0, on every response token of sample i; excluded samples (NaN) get 0. No group statistics: a group whose
+    samples are all correct trains on all of them. Shapes and errors as ``grpo_advantages``.
+    """
+    _outcome(inp)
+    r = inp.rewards.detach().to(torch.float64)
+    adv = torch.where(torch.isnan(r), torch.zeros_like(r), (r >= cfg.correct_at).to(torch.float64))
     return _broadcast(adv, inp.response_mask, _out_dtype(inp.rewards))
 
 

@@ -116,6 +116,7 @@ VARIANTS = [
     {"advantage": "dr_grpo", "loss_agg": "seq_mean_token_sum_norm"},
     {"advantage": "rloo"},
     {"advantage": "reinforce_pp_baseline"},
+    {"advantage": {"name": "online_rft", "correct_at": 0.0}, "loss_agg": "seq_mean_token_mean"},  # every sample kept
     {"loss_agg": "seq_mean_token_mean"},
     {"policy_loss": "gspo"},  # GSPO with the paper's clip range 3e-4 / 4e-4
     {"policy_loss": {"name": "ppo_clip", "dual_clip": 3.0}, "kl_estimator": "k1"},

@@ -559,3 +559,16 @@ def test_policy_loss_bf16_logp_is_computed_in_float32():
     close(loss, -math.exp(0.1), atol=2e-2)
     loss.backward()
     assert logp.grad.dtype == torch.bfloat16 and torch.isfinite(logp.grad.float()).all()
+
+
+def test_online_rft_is_one_for_a_correct_sample_and_zero_otherwise():
+    """DeepSeekMath's Online RFT coefficient: no baseline, so an all-correct group trains on every sample."""
+    close(seq_adv("online_rft", [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], 4), [1, 0, 1, 1, 1, 1, 1, 1])
+    close(seq_adv("online_rft", [0.5, NAN, 1.2, 0.9], 4), [0, 0, 1, 0])
+    from troupe.configs.algos import OnlineRFTAdvantage
+    from troupe.learner.advantages import compute_advantages
+    from troupe.learner.registry import AdvantageInputs
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    adv = compute_advantages(AdvantageInputs(torch.tensor([0.6, 0.4]), mask, 2), OnlineRFTAdvantage(correct_at=0.5))
+    assert torch.equal(adv, torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
