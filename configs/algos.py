@@ -35,11 +35,13 @@ class AdvantageConfig(_Variant):
     (process supervision): the engines then mark step ends, the reward workers score steps, and
     per-sequence reward shaping is added to the last step. ``uses_critic`` is True for estimators
     that read a learned critic's values (``AdvantageInputs.values``): the run then needs a ``critic``
-    section, which starts the critic's ranks.
+    section, which starts the critic's ranks. ``uses_teacher`` is True for estimators that read a
+    teacher model's log-probs (the config's ``teacher`` field): the learner ranks then load it, frozen.
     """
 
     uses_step_rewards: ClassVar[bool] = False
     uses_critic: ClassVar[bool] = False
+    uses_teacher: ClassVar[bool] = False
 
 
 class PolicyLossConfig(_Variant):
@@ -94,6 +96,21 @@ class OnlineRFTAdvantage(AdvantageConfig):
     name: Literal["online_rft"] = "online_rft"
     correct_at: float = Field(1.0, description="A sample counts as correct (coefficient 1) when its combined reward "
                                                "is at least this.")
+
+
+class OnPolicyDistillAdvantage(AdvantageConfig):
+    """On-policy distillation (GKD, Agarwal et al. 2024, arXiv 2306.13649, with lambda = 1; Thinking Machines'
+    "On-policy distillation", 2025): the student's own samples, and on every sampled token the coefficient
+    log pi_teacher(o_t) - log pi_student(o_t), the negative per-token reverse KL (DeepSeekMath 5.2.1's gradient
+    coefficient, per token, from a teacher instead of a reward), plus ``reward_weight`` times the GRPO advantage
+    of the task reward. The teacher is frozen in every learner rank, as the reference is (sharded under ZeRO-3)."""
+
+    name: Literal["distill"] = "distill"
+    uses_teacher: ClassVar[bool] = True
+    teacher: str = Field(min_length=1, description="The teacher: an HF causal-LM folder or hub id with the policy's "
+                                                   "vocabulary (its log-probs are read at the policy's token ids).")
+    reward_weight: float = Field(0.0, ge=0.0, le=1000.0, description="Mix in the task reward: + reward_weight * "
+                                                                     "the GRPO advantage (0: distillation alone).")
 
 
 class GAEAdvantage(AdvantageConfig):
@@ -185,7 +202,7 @@ POLICY_LOSS_CONFIGS = ConfigRegistry("policy loss", PolicyLossConfig)
 """Policy loss name -> config class."""
 
 for _cls in (GRPOAdvantage, DrGRPOAdvantage, RLOOAdvantage, ReinforcePPBaselineAdvantage, ProcessAdvantage,
-             OnlineRFTAdvantage, GAEAdvantage):
+             OnlineRFTAdvantage, OnPolicyDistillAdvantage, GAEAdvantage):
     ADVANTAGE_CONFIGS.register(_cls.model_fields["name"].default, _cls)
 for _cls in (PPOClipLoss, GSPOLoss):
     POLICY_LOSS_CONFIGS.register(_cls.model_fields["name"].default, _cls)

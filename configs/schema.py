@@ -618,6 +618,14 @@ class DashboardConfig(_Strict):
     port: int = Field(8266, ge=0, le=65535, description="Port (0: any free one; 8265 is Ray's dashboard).")
 
 
+def _check_model_folder(path: Optional[str], key: str) -> None:
+    """A local-looking model path (absolute, ./ or ~, or existing) must be a folder with config.json; a hub id is
+    checked when it is loaded. Raises ValueError naming ``key``."""
+    if path is not None and (path.startswith(("/", ".", "~")) or Path(path).exists()) \
+            and not (Path(path).expanduser() / "config.json").is_file():
+        raise ValueError(f"{key} {path!r} is not a model folder (no config.json there)")
+
+
 class RunConfig(_Strict):
     """A whole run: what `troupe train CONFIG` reads."""
 
@@ -715,7 +723,9 @@ class RunConfig(_Strict):
         self._check_critic(per_rank)
         return self
 
-    def _check_critic(self, per_rank: int) -> None:
+    def _check_critic(self, per_rank: int) -> None:  # and a distillation teacher's folder
+        if self.algo.advantage.uses_teacher:
+            _check_model_folder(self.algo.advantage.teacher, "algo.advantage.teacher")
         uses = self.algo.advantage.uses_critic
         if uses and self.critic is None:
             raise ValueError(f"algo.advantage {self.algo.advantage.name!r} reads a learned critic's values: add a "
@@ -734,10 +744,7 @@ class RunConfig(_Strict):
             raise ValueError("device 'gpu' needs critic.num_gpus_per_rank = 1")
         if self.device == "cpu" and c.num_gpus_per_rank:
             raise ValueError("device 'cpu' cannot ask for GPUs (critic.num_gpus_per_rank)")
-        path = c.model_path
-        if path is not None and (path.startswith(("/", ".", "~")) or Path(path).exists()) \
-                and not (Path(path).expanduser() / "config.json").is_file():
-            raise ValueError(f"critic.model_path {path!r} is not a model folder (no config.json there)")
+        _check_model_folder(c.model_path, "critic.model_path")
         if self.algo.advantage.uses_step_rewards:
             raise ValueError("critic: step-reward estimators do not use a critic")
 

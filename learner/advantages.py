@@ -30,6 +30,7 @@ from troupe.configs.algos import (
     DrGRPOAdvantage,
     GRPOAdvantage,
     OnlineRFTAdvantage,
+    OnPolicyDistillAdvantage,
     ProcessAdvantage,
     ReinforcePPBaselineAdvantage,
     RLOOAdvantage,
@@ -221,6 +222,29 @@ def online_rft_advantages(inp: AdvantageInputs, cfg: OnlineRFTAdvantage) -> Tens
     r = inp.rewards.detach().to(torch.float64)
     adv = torch.where(torch.isnan(r), torch.zeros_like(r), (r >= cfg.correct_at).to(torch.float64))
     return _broadcast(adv, inp.response_mask, _out_dtype(inp.rewards))
+
+
+@register_advantage("distill", OnPolicyDistillAdvantage)
+def on_policy_distill_advantages(inp: AdvantageInputs, cfg: OnPolicyDistillAdvantage) -> Tensor:
+    """On-policy distillation's per-token coefficient: A_t = log pi_teacher(o_t) - log pi_student(o_t), given as
+    ``inp.token_rewards`` (the learner ranks compute it from the teacher's and the old policy's log-probs), plus
+    ``cfg.reward_weight`` times ``grpo_advantages`` of the rewards (unbiased std, eps 1e-6). No discounting: each
+    token's coefficient is its own (GKD; Thinking Machines 2025). Excluded samples (NaN reward) and masked tokens
+    get 0.
+
+    Returns [B, T] in the mask's dtype. Raises ValueError without ``inp.token_rewards`` or on shapes.
+    """
+    if inp.token_rewards is None:
+        raise ValueError("algo.advantage 'distill' needs the teacher-minus-student log-probs (AdvantageInputs."
+                         "token_rewards), computed by the learner ranks")
+    if inp.token_rewards.shape != inp.response_mask.shape:
+        raise ValueError(f"token_rewards must be [B, T] = {tuple(inp.response_mask.shape)}, "
+                         f"got {tuple(inp.token_rewards.shape)}")
+    valid = (~torch.isnan(inp.rewards.detach())).to(inp.response_mask.dtype)[:, None]
+    adv = inp.token_rewards.to(inp.response_mask.dtype) * inp.response_mask * valid
+    if cfg.reward_weight:
+        adv = adv + cfg.reward_weight * grpo_advantages(inp, GRPOAdvantage()).to(adv.dtype)
+    return adv
 
 
 def compute_advantages(inp: AdvantageInputs, cfg: AdvantageConfig) -> Tensor:

@@ -51,7 +51,7 @@ def sequence_shaping(batch: TrainBatch, algo: AlgoConfig, max_new_tokens: int, k
 
 
 def _inputs(batch: TrainBatch, algo: AlgoConfig, group_size: int, max_new_tokens: int,
-            kl: Optional[Tensor]) -> tuple[AdvantageInputs, Tensor]:
+            kl: Optional[Tensor], teacher_gap: Optional[Tensor] = None) -> tuple[AdvantageInputs, Tensor]:
     """The estimator's inputs of the whole batch and the shaped [B] rewards (``step_advantages``)."""
     critic = algo.advantage.uses_critic
     if critic and batch.values is None:
@@ -64,6 +64,10 @@ def _inputs(batch: TrainBatch, algo: AlgoConfig, group_size: int, max_new_tokens
         raise ValueError(f"algo.advantage {algo.advantage.name!r} needs step rewards but the scored groups carry "
                          "none (no reward function of kind 'process' ran)")
     per_token = -algo.kl_coef * kl.to(torch.float32).cpu() if critic and kl is not None else None
+    if algo.advantage.uses_teacher:
+        if teacher_gap is None:
+            raise ValueError(f"algo.advantage {algo.advantage.name!r} needs the teacher's log-probs of the batch")
+        per_token = teacher_gap.to(torch.float32).cpu()
     inp = AdvantageInputs(rewards, batch.response_mask, group_size,
                           add_to_last_step(batch.step_rewards, shaping) if steps else None,
                           batch.step_ends if steps else None, values=batch.values if critic else None,
@@ -84,7 +88,7 @@ def step_returns(batch: TrainBatch, algo: AlgoConfig, group_size: int, max_new_t
 
 
 def step_advantages(batch: TrainBatch, algo: AlgoConfig, group_size: int, max_new_tokens: int,
-                    kl: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
+                    kl: Optional[Tensor] = None, teacher_gap: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
     """Reward shaping, then ``algo.advantage`` over the whole batch.
 
     Args:
@@ -95,6 +99,8 @@ def step_advantages(batch: TrainBatch, algo: AlgoConfig, group_size: int, max_ne
         max_new_tokens: the response cap (overlong shaping).
         kl: for KL in the reward, else None: [B] KL sums (``sequence_kl``), or for a critic estimator [B, T]
             per-token KL (``troupe.learner.losses.token_kl``).
+        teacher_gap: teacher estimators (``uses_teacher``): [B, T] log pi_teacher - log pi_old of the sampled
+            tokens, 0 where the mask is 0; else None.
     Returns:
         ([B, T] advantages, 0 where the response mask is 0; statistics: "reward_shaped_mean",
         "reward_shaped_std", "valid_frac", "zero_variance_frac" (groups that are not ``informative``
@@ -104,7 +110,7 @@ def step_advantages(batch: TrainBatch, algo: AlgoConfig, group_size: int, max_ne
         ValueError: a step-reward estimator without step rewards, a critic estimator without values, or the
             estimator's own errors.
     """
-    inp, rewards = _inputs(batch, algo, group_size, max_new_tokens, kl)
+    inp, rewards = _inputs(batch, algo, group_size, max_new_tokens, kl, teacher_gap)
     steps = algo.advantage.uses_step_rewards
     adv = compute_advantages(inp, algo.advantage) * batch.response_mask
     stats = {f"reward_shaped_{k[len('reward_'):]}" if k.startswith("reward_") else k: v

@@ -453,11 +453,22 @@ class LearnerRank(ZeroRank):
         self.gas = max(1, math.ceil(rows / self.micro))
         self._start_engine(model, self.lc, micro=self.micro, gas=self.gas, dtype=cfg.model.dtype)
         self.ref = self._reference(model_path, cfg.model.dtype) if self.algo.kl_coef > 0 else None
+        self._dtype_name = cfg.model.dtype
+        self.teacher, self._teacher_path = None, None  # on-policy distillation's frozen teacher (_load_teacher)
+        self._load_teacher()
         self._grads_dropped = False  # the ZeRO-0 NaN guard skipped the current optimizer step
         self._stage0_norm = float("nan")  # ZeRO-0: the last optimizer step's gradient norm
 
+    def _load_teacher(self) -> None:
+        """Load ``algo.advantage.teacher`` (frozen, like the reference) when the estimator reads a teacher and it is
+        not loaded yet; drop a teacher the estimator no longer reads."""
+        path = getattr(self.algo.advantage, "teacher", None) if self.algo.advantage.uses_teacher else None
+        if path != self._teacher_path:
+            self.teacher, self._teacher_path = (self._reference(path, self._dtype_name), path) if path else (None, None)
+
     def _reference(self, model_path: str, dtype: str):
-        """The frozen reference policy: a ZeRO-3 inference engine (sharded) or a replicated module."""
+        """A frozen copy of a model (the reference policy; a distillation teacher): a ZeRO-3 inference engine
+        (sharded) or a replicated module."""
         import deepspeed
         from transformers import AutoModelForCausalLM
 
@@ -492,12 +503,12 @@ class LearnerRank(ZeroRank):
         return out
 
     def skips_old_forward(self) -> bool:
-        """Whether this step skips the separate old log-prob forward (module docstring): KL not in the reward,
-        and either ``algo.old_logp: sampling`` (the ratio's old policy is the engines') or one epoch, one
+        """Whether this step skips the separate old log-prob forward (module docstring): KL not in the reward, no
+        distillation teacher (both need the old log-probs before the advantages), and either ``algo.old_logp: sampling`` (the ratio's old policy is the engines') or one epoch, one
         mini-batch and ``learner.skip_old_forward`` on. Then ``old`` holds the training forward's own
         detached log-probs (for the metrics, and as the ratio's old policy unless it is the sampling one)."""
         a = self.algo
-        if a.kl_in == "reward" and a.kl_coef > 0:
+        if (a.kl_in == "reward" and a.kl_coef > 0) or a.advantage.uses_teacher:
             return False
         return bool(a.old_logp == "sampling" or (self.lc.skip_old_forward and a.ppo_epochs == 1 and a.mini_batches == 1))
 
@@ -519,6 +530,7 @@ class LearnerRank(ZeroRank):
         if algo.kl_coef > 0 and self.ref is None:
             raise ValueError("algo.kl_coef > 0 needs a reference model: start the learner with kl_coef > 0")
         self.algo = algo
+        self._load_teacher()  # collective under ZeRO-3: every rank calls set_algo
 
     def train_step(self, batch: TrainBatch, update: bool = True) -> dict:
         """One GRPO step on this rank's rows of the whole step batch; every rank must call it.
@@ -555,8 +567,14 @@ class LearnerRank(ZeroRank):
                 kl = kl.reshape(batch.size, batch.response_len)
             else:
                 kl = self._all_gather(sequence_kl(old, ref, shard.response_mask, self.algo.kl_estimator))
+        gap = None
+        if self.teacher is not None:  # the teacher's log-probs minus the old policy's, every rank's rows
+            gap = (self._logprobs(self.teacher, micros, shard) - old) * shard.response_mask
+            gap = self._all_gather(gap.reshape(-1)).reshape(batch.size, batch.response_len)
         G, cap = self.rollout.group_size, self.rollout.max_new_tokens
-        adv, stats = step_advantages(batch, self.algo, G, cap, kl)
+        adv, stats = step_advantages(batch, self.algo, G, cap, kl, gap)
+        if gap is not None:
+            stats["distill/reverse_kl"] = float(-(gap * batch.response_mask).sum() / batch.response_mask.sum().clamp(min=1))
         norms = minibatch_norms(batch.response_mask, self.world, self.algo.mini_batches, self.algo.loss_agg, cap)
         if skip:  # filled by the micro-steps with the detached training log-probs
             old = torch.zeros(shard.size, shard.response_len)

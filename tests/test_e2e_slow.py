@@ -117,6 +117,8 @@ VARIANTS = [
     {"advantage": "rloo"},
     {"advantage": "reinforce_pp_baseline"},
     {"advantage": {"name": "online_rft", "correct_at": 0.0}, "loss_agg": "seq_mean_token_mean"},  # every sample kept
+    # on-policy distillation from the run's initial model (the student has moved by then), GRPO mixed in
+    {"advantage": {"name": "distill", "teacher": "INITIAL_MODEL", "reward_weight": 0.5}},
     {"loss_agg": "seq_mean_token_mean"},
     {"policy_loss": "gspo"},  # GSPO with the paper's clip range 3e-4 / 4e-4
     {"policy_loss": {"name": "ppo_clip", "dual_clip": 3.0}, "kl_estimator": "k1"},
@@ -154,6 +156,8 @@ def test_every_variant_trains_end_to_end(tmp_path):
         sync = WeightSync(actors.learners, actors.engines, "auto", actors.single_node())
         stream = prompt_stream(prompts, 0)
         for version, variant in enumerate(VARIANTS, start=1):
+            if variant.get("advantage", {}).get("teacher") == "INITIAL_MODEL":
+                variant = {**variant, "advantage": {**variant["advantage"], "teacher": model_path}}
             algo = AlgoConfig(**{**cfg.algo.model_dump(), **variant})
             vcfg = cfg.model_copy(update={"algo": algo})
             actors.learners.set_algo(algo)
@@ -164,6 +168,8 @@ def test_every_variant_trains_end_to_end(tmp_path):
             assert m["zero_variance_frac"] < 1.0, variant
             if variant.get("dynamic_sampling"):
                 assert "dynamic/refill_rounds" in info
+            if algo.advantage.uses_teacher:  # loaded by set_algo in every rank; the student has moved away from it
+                assert m["distill/reverse_kl"] != 0.0
             assert sync.sync(version)["policy_version"] == version
         assert actors.engines.versions() == [len(VARIANTS)]
         sync.close()

@@ -572,3 +572,23 @@ def test_online_rft_is_one_for_a_correct_sample_and_zero_otherwise():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     adv = compute_advantages(AdvantageInputs(torch.tensor([0.6, 0.4]), mask, 2), OnlineRFTAdvantage(correct_at=0.5))
     assert torch.equal(adv, torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_on_policy_distillation_is_the_teacher_minus_student_log_prob_on_every_token():
+    """GKD / on-policy distillation: A_t = log pi_teacher - log pi_student (given by the ranks as token_rewards), 0 on
+    masked tokens and excluded samples; reward_weight mixes in GRPO's advantage of the task reward."""
+    from troupe.configs.algos import OnPolicyDistillAdvantage
+    from troupe.learner.advantages import compute_advantages
+    from troupe.learner.registry import AdvantageInputs
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    gap = torch.tensor([[-0.5, 0.2, 9.0], [0.0, -1.0, 0.3], [0.1, 9.0, 9.0], [2.0, 2.0, 2.0]])
+    rewards = torch.tensor([1.0, 0.0, NAN, 1.0])
+    inp = AdvantageInputs(rewards, mask, 2, token_rewards=gap)
+    adv = compute_advantages(inp, OnPolicyDistillAdvantage(teacher="t"))
+    assert torch.equal(adv, torch.tensor([[-0.5, 0.2, 0.0], [0.0, -1.0, 0.3], [0.0, 0.0, 0.0], [2.0, 2.0, 0.0]]))
+    mixed = compute_advantages(inp, OnPolicyDistillAdvantage(teacher="t", reward_weight=0.5))
+    grpo_adv = advantages("grpo", rewards, 2, mask)
+    assert torch.allclose(mixed, adv + 0.5 * grpo_adv)
+    with pytest.raises(ValueError, match="teacher"):
+        compute_advantages(AdvantageInputs(rewards, mask, 2), OnPolicyDistillAdvantage(teacher="t"))
