@@ -149,3 +149,16 @@ def test_an_override_after_resume_stays_an_override():
     assert args.resume == "latest" and args.overrides == ["stages.rl.steps=3"]
     args = _parse(["train", "x.yaml", "seed=1", "--resume", "runs/a/resume/step_2"])
     assert args.resume == "runs/a/resume/step_2" and args.overrides == ["seed=1"]
+
+
+def test_a_grpo_stage_runs_ppo_with_a_critic_and_a_stage_without_one_is_named(tmp_path):
+    """SFT -> PPO as two stages: the grpo stage kind takes the critic section (issue 27); a stage asking for gae
+    without a critic fails with the stage's name."""
+    pipe = load_pipeline(_write(tmp_path, [{"kind": "sft", "name": "cold"},
+                                           {"kind": "grpo", "name": "ppo", "algo": {"advantage": "gae"},
+                                            "critic": {"lr": 0.001, "freeze_policy_steps": 2}}]))
+    ppo = pipe.stages[1].config
+    assert ppo.algo.advantage.name == "gae" and ppo.critic.freeze_policy_steps == 2
+    with pytest.raises(ConfigError, match=r"(?s)stages\[1\] 'ppo'.*add a critic section"):
+        load_pipeline(_write(tmp_path, [{"kind": "sft", "name": "cold"},
+                                        {"kind": "grpo", "name": "ppo", "algo": {"advantage": "gae"}}]))
