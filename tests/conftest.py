@@ -35,15 +35,22 @@ def _tests_pythonpath() -> str:
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     """The session's Ray head (module docstring): 16 logical CPUs (no test needs more; nothing is pinned to
-    them), no dashboard, no token auth (Ray 2.60 turns it on at ``ray start`` when ~/.ray/auth_token
-    exists, which any earlier local ``ray.init`` creates). Yields the ``ray_head.Head``."""
+    them), no dashboard. Token authentication with one token for the whole session, set in this process's
+    environment too (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN): Ray 2.60 turns token auth on for a local cluster,
+    and a process that started one in-process (tests/test_threads_slow.py) could not join a head without it
+    afterwards (its actors were cancelled before they ran). Embedded clusters the tests start, in this
+    process or in a subprocess, use the same token. Yields the ``ray_head.Head``."""
+    import secrets
     import tempfile
 
     from ray_head import Head
 
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    saved = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
     root = Path(tempfile.mkdtemp(prefix="trh", dir="/tmp"))  # Ray's socket paths under it stay short
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PYTHONPATH=_tests_pythonpath(), RAY_AUTH_MODE="disabled")
+    env.update(PYTHONPATH=_tests_pythonpath(), **auth)
     head = Head(root, env, num_cpus=16, temp_dir=root / "ray", dashboard=False)
     try:
         head.wait_started()
@@ -51,6 +58,11 @@ def ray_head(tmp_path_factory):
     finally:
         left = head.stop()
         shutil.rmtree(root, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         assert not left, f"the session's Ray head left processes behind: {left}"
 
 
