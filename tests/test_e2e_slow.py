@@ -156,7 +156,7 @@ def test_every_variant_trains_end_to_end(tmp_path):
         sync = WeightSync(actors.learners, actors.engines, "auto", actors.single_node())
         stream = prompt_stream(prompts, 0)
         for version, variant in enumerate(VARIANTS, start=1):
-            if variant.get("advantage", {}).get("teacher") == "INITIAL_MODEL":
+            if isinstance(variant.get("advantage"), dict) and variant["advantage"].get("teacher") == "INITIAL_MODEL":
                 variant = {**variant, "advantage": {**variant["advantage"], "teacher": model_path}}
             algo = AlgoConfig(**{**cfg.algo.model_dump(), **variant})
             vcfg = cfg.model_copy(update={"algo": algo})
