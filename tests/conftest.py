@@ -35,17 +35,19 @@ def _tests_pythonpath() -> str:
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     """The session's Ray head (module docstring): 16 logical CPUs (no test needs more; nothing is pinned to
-    them), no dashboard. Token authentication with one token for the whole session, set in this process's
-    environment too (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN): Ray 2.60 turns token auth on for a local cluster,
-    and a process that started one in-process (tests/test_threads_slow.py) could not join a head without it
-    afterwards (its actors were cancelled before they ran). Embedded clusters the tests start, in this
-    process or in a subprocess, use the same token. Yields the ``ray_head.Head``."""
-    import secrets
+    them), no dashboard. Token authentication off for the whole session, in this process's environment too
+    (RAY_AUTH_MODE=disabled): Ray 2.60 turns it on for a cluster whenever a token exists (~/.ray/auth_token,
+    which any local ``ray.init`` creates), and a process that had started a local cluster with it could not
+    join the head afterwards (tests/test_threads_slow.py before tests/test_weight_sync_slow.py: the actors
+    were cancelled before they ran); with a token for the session instead, a process whose Ray had read the
+    mode before could not join either. Clusters the tests start themselves, in this process or in a
+    subprocess, run without auth as the head does; tests/test_job_slow.py sets its own. Yields the
+    ``ray_head.Head``."""
     import tempfile
 
     from ray_head import Head
 
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    auth = {"RAY_AUTH_MODE": "disabled"}
     saved = {k: os.environ.get(k) for k in auth}
     os.environ.update(auth)
     root = Path(tempfile.mkdtemp(prefix="trh", dir="/tmp"))  # Ray's socket paths under it stay short
