@@ -144,23 +144,6 @@ class _KillOnFirstSubmit:
         return ref
 
 
-class _StopOnFirstSubmit:
-    """Like ``_KillOnFirstSubmit``, but the engine is frozen with SIGSTOP (alive, wedged) instead of killed:
-    ``victim(groups) -> engine index``, ``pids`` the engines' process ids."""
-
-    def __init__(self, victim, pids):
-        self.victim, self.pids, self.stopped = victim, pids, None
-
-    def submit(self, groups):
-        if self.stopped is None:
-            self.stopped = self.victim(groups)
-            os.kill(self.pids[self.stopped], signal.SIGSTOP)
-        return groups
-
-    def get(self, ref):
-        return ref
-
-
 def _ids(groups):
     return [[s.response_ids for s in g.samples] for g in groups]
 
@@ -233,12 +216,17 @@ def test_engine_death_mid_generate_is_replaced(ray_local, model_dir, tmp_path):
         lp_v1 = group.sequence_logprobs(probe, len(prompts[0].token_ids))[0]
         reference, _ = group.generate(prompts, sp, seeds=seeds)  # no fault
 
-        # 8 prompts, 8 chunks of 1, chunk c -> engine c % 2: kill the engine that did not produce the first chunk
-        chunk_of = {p.uid: c for c, p in enumerate(prompts)}
+        # 8 prompts, 8 chunks of 1, chunk c -> engine c % 2. Engine 1's actor is frozen (SIGSTOP) before the call, so
+        # it cannot return a chunk; when engine 0's first chunk comes back, engine 1 is killed with all its chunks
+        # unfinished. (Killing "the engine that did not produce the first chunk" raced: vLLM batches an engine's
+        # chunks together, and the other engine had sometimes returned all of them by then.)
         before = group.handles
-        fault = _KillOnFirstSubmit(ray, lambda gs: before[1 - chunk_of[gs[0].prompt.uid] % 2])
+        victim_pid = ray.get(before[1].__ray_call__.remote(lambda self: os.getpid()))
+        os.kill(victim_pid, signal.SIGSTOP)
+        fault = _KillOnFirstSubmit(ray, lambda gs: before[1])
         out, t = group.generate(prompts, sp, rewards=fault, seeds=seeds)
         dead = before.index(fault.killed)
+        assert dead == 1
         assert [gr.prompt.uid for gr in out] == [p.uid for p in prompts]
         assert all(len(gr.samples) == sp.n and all(s.policy_version == 1 for s in gr.samples) for gr in out)
         assert _ids(out) == _ids(reference)  # resampled chunks: the same samples as without the fault
@@ -251,17 +239,17 @@ def test_engine_death_mid_generate_is_replaced(ray_local, model_dir, tmp_path):
         assert lps[dead] == pytest.approx(lps[1 - dead], abs=1e-6) and lps[dead] == pytest.approx(lp_v1, abs=1e-6)
         note_segments()
 
-        # a wedged engine (alive, SIGSTOPped: no chunk back for stall_timeout_s) is killed and replaced the same way
+        # a wedged engine (alive, frozen with SIGSTOP before the call: no chunk back for stall_timeout_s) is killed
+        # and replaced the same way
         group.stall_timeout_s = 8.0
-        before = group.handles
-        pids = [ray.get(h.__ray_call__.remote(lambda self: os.getpid())) for h in before]
-        stop = _StopOnFirstSubmit(lambda gs: 1 - chunk_of[gs[0].prompt.uid] % 2, pids)
-        out, t = group.generate(prompts, sp, rewards=stop, seeds=seeds)
-        assert stop.stopped is not None and _ids(out) == _ids(reference)
+        before, stopped = group.handles, 0
+        os.kill(ray.get(before[stopped].__ray_call__.remote(lambda self: os.getpid())), signal.SIGSTOP)
+        out, t = group.generate(prompts, sp, seeds=seeds)
+        assert _ids(out) == _ids(reference)
         assert t["engine_restarts"] == 1 and group.restarts == 2
-        assert f"engine {stop.stopped} restarted" in logs[-1] and "wedged" in logs[-1] and "engine_stall_s" in logs[-1], logs
+        assert f"engine {stopped} restarted" in logs[-1] and "wedged" in logs[-1] and "engine_stall_s" in logs[-1], logs
         after = group.handles
-        assert after[stop.stopped] is not before[stop.stopped] and after[1 - stop.stopped] is before[1 - stop.stopped]
+        assert after[stopped] is not before[stopped] and after[1 - stopped] is before[1 - stopped]
         assert group.versions() == [1, 1]
         note_segments()
     finally:
