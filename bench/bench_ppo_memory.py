@@ -180,8 +180,7 @@ def main() -> None:
                           flush=True)
     finally:
         ray.shutdown()
-    text = report(res, args.steps, args.kl, "python bench/bench_ppo_memory.py " + " ".join(
-        f"--{k} {v}" for k, v in [("steps", args.steps)]) + (" --kl" if args.kl else ""))
+    text = report(res, args.steps, args.kl, f"python bench/bench_ppo_memory.py --steps {args.steps}" + (" --kl" if args.kl else ""))
     Path(args.out).write_text(text)
     print(text)
 

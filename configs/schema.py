@@ -720,10 +720,10 @@ class RunConfig(_Strict):
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
         self.rejection.check_reward(self.reward)
-        self._check_critic(per_rank)
+        self._check_critic()
         return self
 
-    def _check_critic(self, per_rank: int) -> None:  # and a distillation teacher's folder
+    def _check_critic(self) -> None:  # and a distillation teacher's folder
         if self.algo.advantage.uses_teacher:
             _check_model_folder(self.algo.advantage.teacher, "algo.advantage.teacher")
         uses = self.algo.advantage.uses_critic
